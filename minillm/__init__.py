@@ -1,0 +1,5 @@
+"""minillm: small decoder-only language models, assembled from pluggable parts."""
+
+from minillm.model import KVCache, Transformer, build_model
+
+__all__ = ["KVCache", "Transformer", "build_model"]

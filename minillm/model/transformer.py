@@ -1,0 +1,108 @@
+"""The decoder-only transformer, assembled from pluggable parts.
+
+``Transformer`` receives its parts as factories (Hydra ``_partial_`` configs or plain callables) and
+fills in the shared sizes itself, so component YAML files never repeat them:
+
+    attention(d_model=C, n_heads=H)              -> nn.Module   (attention.py)
+    position(d_model=C, n_heads=H, max_seq_len=L) -> PositionEncoding (position.py)
+    ffn(d_model=C)                               -> nn.Module   (ffn.py, moe.py)
+    norm(C)                                      -> nn.Module   (torch.nn.LayerNorm / RMSNorm)
+
+Notation: B batch, T time, C d_model, V vocab_size, L max_seq_len.
+"""
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from minillm.model.position import PositionEncoding
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, d_model: int, attention: nn.Module, ffn: nn.Module, norm: Callable,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = norm(d_model), attention
+        self.ffn_norm, self.ffn = norm(d_model), ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, position: PositionEncoding, cache=None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), position, cache))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    """Token embedding, ``n_layers`` blocks, final norm and a (tied) language-model head."""
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_seq_len: int,
+                 attention: Callable, position: Callable, ffn: Callable, norm: Callable,
+                 tie_embeddings: bool = True, dropout: float = 0.0, init_std: float = 0.02) -> None:
+        super().__init__()
+        for key, value in [("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
+                           ("n_heads", n_heads), ("max_seq_len", max_seq_len)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key}={value!r} must be a positive integer")
+        if d_model % n_heads:
+            valid = [h for h in range(1, d_model + 1) if d_model % h == 0 and h <= 64]
+            raise ValueError(f"model.n_heads={n_heads} must divide model.d_model={d_model}; "
+                             f"valid head counts: {valid}")
+        self.vocab_size, self.max_seq_len, self.n_layers = vocab_size, max_seq_len, n_layers
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.position: PositionEncoding = position(d_model=d_model, n_heads=n_heads,
+                                                   max_seq_len=max_seq_len)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model, attention(d_model=d_model, n_heads=n_heads), ffn(d_model=d_model), norm,
+                  dropout) for _ in range(n_layers))
+        self.norm = norm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self._init_weights(init_std)
+        if tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_weights(self, std: float) -> None:
+        """GPT-2 init: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        for name, p in self.named_parameters():
+            if name.startswith("position.") or p.dim() < 2:
+                continue
+            residual_out = name.endswith(("attn.proj.weight", "ffn.down.weight", "w_down"))
+            nn.init.normal_(p, std=std / math.sqrt(2 * self.n_layers) if residual_out else std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx: Tensor, cache=None) -> Tensor:
+        """Logits (B, T, V) for token ids ``idx`` (B, T); ``cache`` for incremental decoding."""
+        if cache is None:
+            x = self.drop(self.position.embed(self.tok_emb(idx)))  # (B, T, C)
+            for block in self.blocks:
+                x = block(x, self.position)
+            return self.lm_head(self.norm(x))  # (B, T, V)
+        cache.begin(idx.shape[1])
+        x = self.position.embed(self.tok_emb(idx), cache.positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.position, cache.layer(i))
+        cache.end(idx.shape[1])
+        return self.lm_head(self.norm(x))
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Weighted auxiliary losses of the latest forward, averaged over the layers that have them."""
+        per_layer = [b.ffn.aux_losses for b in self.blocks if getattr(b.ffn, "aux_losses", None)]
+        names = {name for losses in per_layer for name in losses}
+        return {n: torch.stack([losses[n] for losses in per_layer]).mean() for n in sorted(names)}
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count (tied weights once); ``active``: only what one token uses (MoE top-k)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        for block in self.blocks:
+            ffn = block.ffn
+            if hasattr(ffn, "n_experts"):
+                expert = sum(p.numel() for n, p in ffn.named_parameters() if n.startswith("w_"))
+                total -= expert * (ffn.n_experts - ffn.top_k) // ffn.n_experts
+        return total
