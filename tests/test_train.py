@@ -124,3 +124,17 @@ def test_bad_config_exits_with_one_line(tmp_path, capsys, override, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks"])
+def test_every_option_instantiates(group, tmp_path):
+    from conftest import options
+    from hydra.utils import instantiate
+
+    for option in options(group):
+        cfg = compose_cfg([f"{group}={option}", f"run_dir={tmp_path}"])
+        if group == "trainer":  # build each trainer on the CPU: the keys must all be Trainer arguments
+            trainer = instantiate(cfg.trainer, accelerator="cpu", precision="32-true", logger=False)
+            assert trainer.max_steps == cfg.trainer.max_steps
+        else:
+            assert all(instantiate(c) is not None for c in cfg[group].values())
