@@ -114,6 +114,7 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     ("data.path=/no/such/dir", "data.path"),
     ("ckpt_path=last", "ckpt_path=last"),
     ("model.n_heads=3", "model.n_heads=3"),
+    ("scheduler.warmup_steps=10", "scheduler.warmup_steps=10"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, capsys, override, message):
     if override == "trainer=gpu" and torch.cuda.is_available():

@@ -1,8 +1,9 @@
 """The LightningModule: next-token cross-entropy plus the model's auxiliary losses.
 
 Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
-(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks), train/tokens_per_sec,
-train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``); after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
+(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks),
+train/tokens_per_sec, train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``);
+after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
 """
 
 import math
@@ -12,8 +13,8 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 
 from minillm.model import Transformer
 from minillm.training.throughput import flops_per_token, peak_flops
