@@ -25,6 +25,7 @@ from minillm.data.tokenizer import EOT, load_tokenizer, tokenizer_hash, train_to
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the layout or the token stream changes, so old caches are rebuilt
 MANIFEST = "manifest.json"
+ROWS_PER_PROC = 1000  # tokenization starts another process only for this many more stories
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -125,7 +126,7 @@ def build_cache(
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         splits = {}
         for split in SPLITS:
-            n_proc = max(1, min(num_proc, len(ds[split]) // 1000))  # a process per >= 1000 stories
+            n_proc = max(1, min(num_proc, len(ds[split]) // ROWS_PER_PROC))
             encoded = ds[split].map(
                 _encode_batch,
                 batched=True,
