@@ -28,7 +28,8 @@ VOCAB = 320
 SEQ = 16
 
 
-def write_text_copy(folder: Path, train: list[str], val: list[str], names=("train.txt", "validation.txt")):
+def write_text_copy(folder: Path, train: list[str], val: list[str],
+                    names=("train.txt", "validation.txt")) -> Path:
     """A local copy in TinyStories text format: each story followed by an <|endoftext|> line."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, stories in zip(names, (train, val)):
@@ -98,7 +99,8 @@ def test_eot_is_one_token_after_every_story(built, stories):
     m = built.manifest["splits"]
     assert m["train"]["stories"] == len(train)
     assert m["validation"]["bytes"] == sum(len(t.encode()) for t in val)
-    assert built.bytes_per_token == pytest.approx(m["validation"]["bytes"] / len(read_bin(built, "validation")))
+    n_val = len(read_bin(built, "validation"))
+    assert built.bytes_per_token == pytest.approx(m["validation"]["bytes"] / n_val)
     assert built.encode("Tom") == built.tokenizer.encode("Tom").ids
     assert "val" in built.describe() and str(built.folder) in built.describe()
 
@@ -156,7 +158,8 @@ def test_interrupted_write_leaves_no_trusted_cache(tmp_path, stories, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             make_dm(src, tmp_path / "cache").prepare_data()
     assert read_manifest(dm.folder) is None
-    assert sorted(p.name for p in dm.folder.iterdir()) == ["tokenizer.json", "train.bin", "validation.bin"]
+    left = sorted(p.name for p in dm.folder.iterdir())  # no temp files, no manifest
+    assert left == ["tokenizer.json", "train.bin", "validation.bin"]
     assert np.array_equal(read_bin(dm, "train"), good["train"])  # old file untouched, not overwritten
 
     with pytest.raises(RuntimeError, match="prepare_data"):  # a trainer-driven setup won't trust it
@@ -178,7 +181,8 @@ def test_text_parquet_and_jsonl_copies_give_the_same_tokens(tmp_path, stories, b
     js = tmp_path / "js"
     js.mkdir()
     for name, texts in (("train.jsonl", train), ("validation.jsonl", val)):
-        (js / name).write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+        rows = (json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts))
+        (js / name).write_text("".join(rows))
     monkeypatch.setattr(cache_mod, "ROWS_PER_PROC", 50)  # tokenize the parquet copy in 2 processes
     for root, num_proc in ((tmp_path / "pq", 2), (js, 1)):
         dm = make_dm(root, tmp_path / "cache", num_proc=num_proc)
@@ -289,6 +293,30 @@ def test_hub_unreachable_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError, match=r"data\.path=DIR.*data=synthetic"):
         dm.setup()
     assert not any(tmp_path.rglob("manifest.json"))
+
+
+def test_hub_source_builds_and_survives_going_offline(tmp_path, monkeypatch, stories, built):
+    train, val = stories
+    fake_hub = datasets.DatasetDict({  # stands in for the Hub's DatasetDict
+        "train": datasets.Dataset.from_dict({"text": train, "id": list(range(len(train)))}),
+        "validation": datasets.Dataset.from_dict({"text": val}),
+    })
+    monkeypatch.setattr(sources_mod, "load_dataset", lambda *a, **k: fake_hub)
+    dm = TokenDataModule(source="tinystories", path=None, vocab_size=VOCAB, seq_len=SEQ,
+                         cache_dir=str(tmp_path), show_progress=False)
+    dm.setup()
+    assert "roneneldan/TinyStories" in dm.describe()
+    assert np.array_equal(read_bin(dm, "train"), read_bin(built, "train"))  # same code as a local copy
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(sources_mod, "load_dataset", offline)
+    later = TokenDataModule(source="tinystories", path=None, vocab_size=VOCAB, seq_len=SEQ,
+                            cache_dir=str(tmp_path), show_progress=False)
+    with pytest.warns(UserWarning, match="data=synthetic.*Using the complete token cache"):
+        later.setup()
+    assert later.manifest == dm.manifest
 
 
 def test_synthetic_source_builds_and_data_configs_compose(tmp_path, monkeypatch):

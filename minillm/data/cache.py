@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from datasets import Features, Sequence, Value
 
-from minillm.data.sources import SPLITS, clean_story
+from minillm.data.sources import SPLITS, DataUnavailableError, clean_story
 from minillm.data.tokenizer import EOT, load_tokenizer, tokenizer_hash, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,17 @@ def build_cache(
     """Make ``folder`` hold the tokenizer and token files of ``source``; reuse them when still valid.
 
     Returns the manifest. Rebuilds when the manifest is missing or incomplete, the source fingerprint
-    changed, or the tokenizer file no longer matches its recorded hash.
+    changed, or the tokenizer file no longer matches its recorded hash. If the source cannot be
+    reached but a complete cache built from it exists, that cache is used, with a warning.
     """
-    fingerprint = source.fingerprint()
     manifest = read_manifest(folder)
+    try:
+        fingerprint = source.fingerprint()
+    except DataUnavailableError as e:
+        if manifest is None:
+            raise
+        warnings.warn(f"{e} Using the complete token cache {folder} built from it earlier.", stacklevel=2)
+        return manifest
     if manifest is not None and manifest["source_fingerprint"] == fingerprint:
         return manifest
     log.info("building token cache %s for %s", folder, source.describe)

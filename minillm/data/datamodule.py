@@ -24,7 +24,7 @@ from minillm.data.tokenizer import EOT, check_vocab_size, load_tokenizer
 
 
 def batch_seed(seed: int, block: int) -> int:
-    """A 63-bit generator seed for sample block ``block`` (hashed, so (seed, block) pairs never collide)."""
+    """A 63-bit generator seed for sample block ``block``; hashing keeps (seed, block) pairs apart."""
     digest = hashlib.blake2b(struct.pack("<qq", seed, block), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -121,6 +121,8 @@ class TokenDataModule(L.LightningDataModule):
     # ---- preparing and opening the cache ----
     def prepare_data(self) -> None:
         """Load the text, train the tokenizer and tokenize both splits into the cache (or reuse it)."""
+        if self._prepared:
+            return
         self.manifest = build_cache(
             self.source, self.folder, self.vocab_size, self.num_proc, self.show_progress
         )
@@ -142,7 +144,8 @@ class TokenDataModule(L.LightningDataModule):
                     f"{manifest['splits'][split]['tokens']} tokens; it needs more than seq_len"
                 )
         self.manifest = manifest
-        self._tokenizer = load_tokenizer((self.folder / "tokenizer.json").read_text())
+        self._tokenizer_json = (self.folder / "tokenizer.json").read_text()
+        self._tokenizer = load_tokenizer(self._tokenizer_json)
 
     def _ready(self) -> dict:
         if self._tokenizer is None:
@@ -159,7 +162,8 @@ class TokenDataModule(L.LightningDataModule):
     @property
     def tokenizer_json(self) -> str:
         """The serialized tokenizer (stored in checkpoints; rebuild it with ``load_tokenizer``)."""
-        return self.tokenizer.to_str()
+        self._ready()
+        return self._tokenizer_json
 
     @property
     def eot_id(self) -> int:
