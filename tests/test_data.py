@@ -329,3 +329,37 @@ def test_synthetic_source_builds_and_data_configs_compose(tmp_path, monkeypatch)
     cfg = compose_cfg(["data=tinystories", "model=tiny"])
     assert cfg.data.source == "tinystories" and cfg.model.vocab_size == cfg.data.vocab_size
     assert isinstance(instantiate(cfg.data), TokenDataModule)  # construction alone touches no network
+
+
+def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path, built):
+    import lightning as L
+
+    class Recorder(L.LightningModule):  # a one-weight model that remembers the batches it saw
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def training_step(self, batch, i):
+            self.seen.append(batch[0])
+            return self.w * batch[0].float().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(steps, ckpt=None):
+        model, dm = Recorder(), make_dm(Path(built.source.root), built.folder.parent)
+        trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=2, limit_val_batches=0,
+                            accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        return trainer, model
+
+    trainer, first = fit(3)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    _, resumed = fit(5, str(tmp_path / "a.ckpt"))
+    stream, tokens = built.train_stream(), read_bin(built, "train")
+    expected = [stream.batch(tokens, n)[0] for n in range(10)]
+    assert len(first.seen) == 6 and len(resumed.seen) == 4
+    assert all(torch.equal(a, b) for a, b in zip(first.seen + resumed.seen, expected))
