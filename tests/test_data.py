@@ -261,7 +261,9 @@ def test_val_windows_are_deterministic_and_split_across_ranks(built):
     assert len(shares[0]) == len(shares[1]) == n // 2
     assert torch.equal(torch.cat(shares), xs[: 2 * (n // 2)])
     capped = make_dm(Path(built.source.root), built.folder.parent, val_tokens=3 * SEQ + 1)
-    assert len(capped.val_dataset()) == 3
+    assert capped.val_dataset().n_windows == 3
+    with_workers = torch.utils.data.DataLoader(built.val_dataset(), batch_size=None, num_workers=2)
+    assert torch.equal(torch.cat([x for x, _ in with_workers]), xs)
 
 
 # ---- bad input and configs ----
