@@ -95,7 +95,7 @@ def test_eot_is_one_token_after_every_story(built, stories):
         ids = read_bin(built, split)
         assert (ids == built.eot_id).sum() == len(texts)
         assert ids[-1] == built.eot_id
-        assert built.decode(ids.tolist()) == "".join(t + EOT for t in texts)
+        assert built.decode(torch.from_numpy(ids.astype(np.int64))) == "".join(t + EOT for t in texts)
     m = built.manifest["splits"]
     assert m["train"]["stories"] == len(train)
     assert m["validation"]["bytes"] == sum(len(t.encode()) for t in val)

@@ -121,6 +121,8 @@ class TokenDataModule(L.LightningDataModule):
         _positive_int("num_proc", num_proc)
         if val_tokens is not None:
             _positive_int("val_tokens", val_tokens, seq_len + 1)
+        if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
+            raise ValueError(f"seed={seed!r}: must be an integer (64-bit)")
         self.source = make_source(source, path, n_stories, corpus_seed)
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.num_workers, self.num_proc, self.val_tokens = num_workers, num_proc, val_tokens
@@ -189,7 +191,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def decode(self, ids) -> str:
         """Text of ``ids``, EOT tokens kept as ``<|endoftext|>``."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays too
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     @property
     def bytes_per_token(self) -> float:
