@@ -1,4 +1,5 @@
-"""Callbacks that record a run's validation history whatever logger is chosen."""
+"""Callbacks: training throughput (tokens/s, MFU, peak memory) and the validation history, both
+recorded whatever logger is chosen."""
 
 import json
 import resource
@@ -7,6 +8,68 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from minillm.training.throughput import flops_per_token, peak_flops
+
+
+class ThroughputMonitor(L.Callback):
+    """Log train/tokens_per_sec, train/mfu and train/peak_memory_mb every ``log_every_n_steps``.
+
+    Reads only host-side state (tokens counted by the module, wall clock, the CUDA allocator's
+    peak), so it adds no device sync. Tokens and FLOPs are those of all ranks; MFU divides by the
+    peak of one device (``peak_flops``, else looked up from the device name) times the world size
+    and is not logged when that peak is unknown (CPU, an unlisted GPU). Validation time is excluded.
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"callbacks.throughput.peak_flops={peak_flops!r}: must be a positive "
+                             "FLOP/s figure (e.g. 989e12) or null to look it up from the device")
+        self.peak_flops_override = peak_flops
+        self.flops_per_token = 0.0
+        self.peak: float | None = None  # FLOP/s of all ranks together
+        self.tokens_per_sec: float | None = None
+        self.mfu: float | None = None
+        self._window = (0, time.perf_counter())  # (tokens seen, time) at the last reading
+        self._last_step = -1
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.model
+        seq_len = getattr(trainer.datamodule, "seq_len", model.max_seq_len)
+        self.flops_per_token = flops_per_token(model, seq_len)
+        peak = peak_flops(pl_module.device, self.peak_flops_override)
+        self.peak = peak * trainer.world_size if peak else None
+        where = (f"MFU against {peak / 1e12:.0f} TFLOP/s per device" if peak else
+                 "no MFU: peak unknown for this device (set callbacks.throughput.peak_flops)")
+        rank_zero_info(f"Throughput: {self.flops_per_token / 1e6:.1f} MFLOPs per token; {where}")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restart(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restart(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
+                           batch, batch_idx: int) -> None:
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        # Once per optimizer step that the logger writes (global_step has just been incremented).
+        if not every or step % every or step == self._last_step:
+            return
+        self._last_step = step
+        tokens, start = self._window
+        now = time.perf_counter()
+        if pl_module.tokens_seen > tokens and now > start:
+            self.tokens_per_sec = (pl_module.tokens_seen - tokens) / (now - start)
+            pl_module.log("train/tokens_per_sec", self.tokens_per_sec)
+            if self.peak:
+                self.mfu = self.tokens_per_sec * self.flops_per_token / self.peak
+                pl_module.log("train/mfu", self.mfu)
+        pl_module.log("train/peak_memory_mb", peak_memory_mb(pl_module.device))
+        self._window = (pl_module.tokens_seen, now)
+
+    def _restart(self, pl_module: L.LightningModule) -> None:
+        self._window = (pl_module.tokens_seen, time.perf_counter())
 
 
 class MetricsHistory(L.Callback):
@@ -27,9 +90,10 @@ class MetricsHistory(L.Callback):
             "val_ppl": _float(metrics.get("val/ppl")),
             "val_bpb": _float(metrics.get("val/bpb")),
             "train_loss": _float(metrics.get("train/loss")),
-            "tokens_per_sec": getattr(pl_module, "tokens_per_sec", None),
-            "mfu": getattr(pl_module, "mfu", None),
-            "peak_memory_mb": _peak_memory_mb(pl_module.device),
+            # from ThroughputMonitor, when it is among the callbacks
+            "tokens_per_sec": _float(metrics.get("train/tokens_per_sec")),
+            "mfu": _float(metrics.get("train/mfu")),
+            "peak_memory_mb": _float(metrics.get("train/peak_memory_mb")),
             "elapsed_s": round(time.perf_counter() - self.start, 3),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +105,7 @@ def _float(value) -> float | None:
     return None if value is None else float(value)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     """Peak memory in MiB: allocated by tensors on a CUDA device, else the process's peak RSS."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

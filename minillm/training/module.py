@@ -1,13 +1,15 @@
 """The LightningModule: next-token cross-entropy plus the model's auxiliary losses.
 
 Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
-(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks),
-train/tokens_per_sec, train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``);
-after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
+(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks); after each
+validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text). Throughput
+(tokens/s, MFU, peak memory) is the ``ThroughputMonitor`` callback's, from ``tokens_seen``.
+
+Nothing here reads a device value on the host per step: on a GPU the loop runs ahead of the device.
 """
 
+import inspect
 import math
-import time
 from typing import Any, Callable
 
 import lightning as L
@@ -17,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from minillm.model import Transformer
-from minillm.training.throughput import flops_per_token, peak_flops
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -39,11 +40,7 @@ class LanguageModel(L.LightningModule):
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config  # plain, resolved: stored in every checkpoint
-        self.tokens_seen = 0
-        self.tokens_per_sec: float | None = None
-        self.mfu: float | None = None
-        self._flops_per_token, self._peak_flops = 0.0, None
-        self._window = (0, time.perf_counter())  # (tokens_seen, time) at the last speed reading
+        self.tokens_seen = 0  # all ranks; ThroughputMonitor reads it
         self._progress_step = -1
         self._val_sum: Tensor | None = None
         self._val_count = 0
@@ -75,15 +72,6 @@ class LanguageModel(L.LightningModule):
         return True
 
     def _log_progress(self) -> None:
-        tokens, start = self._window
-        now = time.perf_counter()
-        if self.tokens_seen > tokens and now > start:
-            self.tokens_per_sec = (self.tokens_seen - tokens) / (now - start)
-            self.log("train/tokens_per_sec", self.tokens_per_sec)
-            if self._peak_flops:
-                self.mfu = self.tokens_per_sec * self._flops_per_token / self._peak_flops
-                self.log("train/mfu", self.mfu)
-        self._window = (self.tokens_seen, now)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
 
@@ -106,23 +94,36 @@ class LanguageModel(L.LightningModule):
         bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", None)
         if bytes_per_token:
             self.log("val/bpb", loss / math.log(2) / bytes_per_token)
-        # Validation time is not training throughput: restart the speed window.
-        self._window = (self.tokens_seen, time.perf_counter())
 
     def configure_optimizers(self) -> dict[str, Any]:
-        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(param_groups(self.model, weight_decay))
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        extra = {}
+        if keywords.get("fused") is None and self.device.type == "cuda" and _takes_fused(self.optimizer_factory):
+            extra["fused"] = True  # one kernel for the whole update instead of one per tensor
+        optimizer = self.optimizer_factory(param_groups(self.model, keywords.get("weight_decay", 0.0)), **extra)
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clip by global norm; also with a fused optimizer (bf16) and under FSDP (sharded norm)."""
+        if not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        wrapped = self.trainer.strategy.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm must be summed over the shards
+            wrapped.clip_grad_norm_(gradient_clip_val)
+        elif getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 with a GradScaler: Lightning unscales first (and refuses a fused optimizer)
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            # Lightning refuses any fused optimizer here, but without a scaler the gradients are
+            # already unscaled, so clipping them directly is exact.
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "describe"):
             rank_zero_info(datamodule.describe())
-        seq_len = getattr(datamodule, "seq_len", self.model.max_seq_len)
-        self._flops_per_token = flops_per_token(self.model, seq_len)
-        peak = peak_flops(self.device)  # None on CPU or an unknown GPU: no MFU then
-        self._peak_flops = peak * self.trainer.world_size if peak else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self.config
@@ -131,4 +132,12 @@ class LanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
-        self._window = (self.tokens_seen, time.perf_counter())
+
+
+def _takes_fused(factory: Callable) -> bool:
+    """Whether the optimizer (class or partial) accepts ``fused=`` (AdamW, Adam, SGD do)."""
+    target = getattr(factory, "func", factory)
+    try:
+        return "fused" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False

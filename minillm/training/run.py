@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, run_dir / "config.yaml")
-    if cfg.compile:
+    if _compile(cfg):
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
     optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
     # Dry run on a throwaway parameter: a bad schedule fails now, not after data preparation.
@@ -80,6 +80,16 @@ def _check_accelerator(trainer_cfg: DictConfig) -> None:
                          "available; use trainer=cpu")
     if trainer_cfg.get("accelerator") in ("gpu", "cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
+
+
+def _compile(cfg: DictConfig) -> bool:
+    """``compile``: true, false, or auto (on when training on a GPU)."""
+    value = cfg.get("compile", False)
+    if value == "auto":
+        return cfg.trainer.get("accelerator") in ("gpu", "cuda")
+    if not isinstance(value, bool):
+        raise ValueError(f"compile={value!r}: must be true, false or auto (on for a GPU trainer)")
+    return value
 
 
 def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
