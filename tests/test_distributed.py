@@ -1,0 +1,152 @@
+"""Distributed training on CPU (2 processes, gloo) and throughput accounting.
+
+DDP rank r's micro-batch n is single-rank micro-batch 2n + r, so a 2-process run must equal one
+process accumulating 2 micro-batches per step: same weights, same validation losses; resumed, each
+rank continues its own slice. MFU accounting is checked against the formula worked by hand.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, TINY_TRAIN, compose_cfg
+
+import train
+from minillm.data.datamodule import TrainStream
+from minillm.model import build_model
+from minillm.training.throughput import PEAK_FLOPS, flops_per_token, mfu, peak_flops
+
+# TINY_TRAIN with 16 validation windows (8 per rank) all evaluated, so both runs see the same ones.
+DDP_TRAIN = [o for o in TINY_TRAIN if not o.startswith(("trainer.max_steps", "trainer.limit_val"))] + [
+    "trainer.max_steps=4", "scheduler.max_steps=4", "trainer.limit_val_batches=4",
+    f"data.val_tokens={16 * 32 + 1}",
+]
+
+
+def _train_py(run_dir, cache, *overrides) -> None:
+    """``python train.py`` in a subprocess (DDP re-launches the script for rank 1)."""
+    run_dir.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *DDP_TRAIN, f"hydra.run.dir={run_dir}",
+           f"data.cache_dir={cache}", *overrides]
+    result = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _history(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_two_processes_equal_one_process_accumulating_two(tmp_path):
+    cache = tmp_path / "data_cache"
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    # val_check_interval counts micro-batches: 4 of them are 2 steps of the accumulating run.
+    train.main(compose_cfg(DDP_TRAIN + [f"run_dir={single}", f"data.cache_dir={cache}",
+                                        "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4"]))
+    _train_py(ddp, cache, "trainer.devices=2", "trainer.strategy=ddp")
+
+    one = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)
+    two = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
+    assert one["global_step"] == two["global_step"] == 4
+    assert one["tokens_seen"] == two["tokens_seen"] == 4 * 2 * 4 * 32  # steps * micro-batches * B * T
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    first, second = _history(single), _history(ddp)
+    assert [h["step"] for h in first] == [h["step"] for h in second] == [2, 4]  # rank 0 alone writes
+    for a, b in zip(first, second):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+        assert b["tokens"] == a["tokens"]
+    # Only rank 0 writes run files; Hydra opens a log file for rank 1, which stays empty.
+    assert sorted(p.name for p in ddp.iterdir()) == [".hydra", "checkpoints", "config.yaml", "csv",
+                                                    "metrics.jsonl", "train.log", "train_ddp_process_1.log"]
+    assert (ddp / "train_ddp_process_1.log").stat().st_size == 0
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (ddp / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]
+
+
+def test_ranks_read_distinct_slices_and_resume_on_their_own(tmp_path):
+    tokens = torch.randint(0, 512, (5000,), dtype=torch.int32).numpy()
+    tokens.tofile(tmp_path / "train.bin")
+
+    def batches(rank, world, start, n):
+        stream = TrainStream(str(tmp_path / "train.bin"), "int32", 8, 3, 0, start, rank, world)
+        it = iter(stream)
+        return [next(it)[0] for _ in range(n)]
+
+    single = batches(0, 1, 0, 8)
+    ranks = [batches(r, 2, 0, 4) for r in (0, 1)]
+    for n in range(4):  # rank r, batch n == single batch 2n + r; so the two ranks never coincide
+        for r in (0, 1):
+            assert torch.equal(ranks[r][n], single[2 * n + r])
+        assert not torch.equal(ranks[0][n], ranks[1][n])
+    # Resumed after 3 steps (start_batch = global_step * accumulate_grad_batches = 3): batch 3 onward.
+    for r in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(batches(r, 2, 3, 1), ranks[r][3:]))
+
+
+def test_flops_per_token_and_mfu_match_the_formula_by_hand():
+    # Dense: d 32, 2 layers, 2 heads, SwiGLU hidden from the preset, learned positions (not counted).
+    cfg = compose_cfg(["model=gpt2", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                       "model.max_seq_len=16", "data.vocab_size=512"])
+    model = build_model(cfg.model)
+    by_name = dict(model.named_parameters())
+    n_matmul = sum(p.numel() for name, p in by_name.items() if not name.startswith("position."))
+    assert n_matmul == model.num_params() - 16 * 32  # the 16 x 32 position table is looked up
+    expected = 6 * n_matmul + 12 * 2 * 2 * 16 * 16  # 6N + 12 * layers * heads * head_dim * T
+    assert flops_per_token(model, 16) == expected
+    assert mfu(1000.0, expected, 1e9) == pytest.approx(1000 * expected / 1e9)
+    assert mfu(1000.0, expected, None) is None
+
+    # MoE: only the top-k of n_experts expert weights count per token.
+    cfg = compose_cfg(["model=moe_rope", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                       "model.max_seq_len=16", "data.vocab_size=512"])
+    moe = build_model(cfg.model)
+    ffn = moe.blocks[0].ffn
+    expert = sum(p.numel() for p in (ffn.w_gate_up, ffn.w_down)) // ffn.n_experts
+    active = moe.num_params() - 2 * (ffn.n_experts - ffn.top_k) * expert
+    assert moe.num_params(active=True) == active
+    assert flops_per_token(moe, 16) == 6 * active + 12 * 2 * 2 * 16 * 16
+
+
+def test_peak_lookup_prefers_the_longest_name_and_honours_the_override(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    names = {"NVIDIA H100 PCIe": PEAK_FLOPS["H100 PCIe"], "NVIDIA H100 80GB HBM3": PEAK_FLOPS["H100"],
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA GH200 480GB": PEAK_FLOPS["GH200"],
+             "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "Some Future GPU": None}
+    for name, peak in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops("cuda") == peak, name
+        assert peak_flops("cuda", override=123e12) == 123e12
+    assert PEAK_FLOPS["H100 PCIe"] != PEAK_FLOPS["H100"]
+    assert peak_flops("cpu") is None and peak_flops("cpu", override=5e12) == 5e12
+
+
+def test_throughput_monitor_logs_mfu_against_the_configured_peak():
+    from minillm.training.callbacks import ThroughputMonitor
+
+    with pytest.raises(ValueError, match="callbacks.throughput.peak_flops"):
+        ThroughputMonitor(peak_flops=-1)
+    model = build_model(compose_cfg(["model=tiny", "model.d_model=32", "model.n_layers=1",
+                                     "model.n_heads=2", "model.max_seq_len=32"]).model)
+    logged = {}
+    module = SimpleNamespace(model=model, device=torch.device("cpu"), tokens_seen=0,
+                             log=lambda name, value: logged.__setitem__(name, value))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(seq_len=32), world_size=2,
+                              global_step=0, log_every_n_steps=2)
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    monitor.on_fit_start(trainer, module)
+    assert monitor.peak == 2e12 and monitor.flops_per_token == flops_per_token(model, 32)
+    monitor.on_train_start(trainer, module)
+    for step in (1, 2, 2):  # step 2 twice: a micro-batch that did not step logs nothing again
+        trainer.global_step, module.tokens_seen = step, step * 1000
+        monitor.on_train_batch_end(trainer, module, None, None, 0)
+        if step == 1:
+            assert not logged
+    tps = logged["train/tokens_per_sec"]
+    assert tps == monitor.tokens_per_sec > 0 and logged["train/peak_memory_mb"] > 0
+    assert logged["train/mfu"] == pytest.approx(tps * monitor.flops_per_token / 2e12)
