@@ -75,6 +75,12 @@ class LanguageModel(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
+        # step too, which reaching max_steps alone does not do with an endless training stream.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
+
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
 
