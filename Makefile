@@ -27,5 +27,9 @@ demo: $(STAMP)
 	$(BIN)/python train.py experiment=demo
 	$(BIN)/python eval.py ckpt_path=runs/demo/checkpoints/best.ckpt mode=sample max_new_tokens=120
 
+# Training throughput and MFU of the llama2.c shapes on a CUDA GPU (README: GPU throughput and multi-GPU).
+bench: $(STAMP)
+	$(BIN)/python bench/gpu_throughput.py
+
 clean:
 	rm -rf outputs multirun runs .pytest_cache
