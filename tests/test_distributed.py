@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT, TINY_TRAIN, compose_cfg
+from hydra.utils import instantiate
 
 import train
 from minillm.data.datamodule import TrainStream
@@ -150,3 +151,29 @@ def test_throughput_monitor_logs_mfu_against_the_configured_peak():
     tps = logged["train/tokens_per_sec"]
     assert tps == monitor.tokens_per_sec > 0 and logged["train/peak_memory_mb"] > 0
     assert logged["train/mfu"] == pytest.approx(tps * monitor.flops_per_token / 2e12)
+
+
+def test_fused_adamw_on_cuda_and_clipping_works_with_it():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from minillm.training.module import LanguageModel
+
+    model = build_model(compose_cfg(["model=tiny", "model.d_model=32", "model.n_layers=1",
+                                     "model.n_heads=2", "model.max_seq_len=32"]).model)
+    optimizer_cfg = compose_cfg([]).optimizer
+    assert optimizer_cfg.fused is None  # null: decided by the device
+    module = LanguageModel(model, instantiate(optimizer_cfg), lambda opt: None, {})
+    assert not module.configure_optimizers()["optimizer"].defaults["fused"]  # on CPU
+    module._device = torch.device("cuda", 0)  # as on a GPU (CPU also has a fused AdamW to build)
+    fused = module.configure_optimizers()["optimizer"]
+    assert fused.defaults["fused"] is True
+
+    bf16 = MixedPrecision("bf16-mixed", "cpu")  # no GradScaler: gradients are already unscaled
+    with pytest.raises(RuntimeError, match="fused"):  # why LanguageModel clips on its own
+        bf16.clip_gradients(fused, 1.0)
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(model=module), precision_plugin=bf16)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    module.configure_gradient_clipping(fused, 1.0, "norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    assert norm.item() == pytest.approx(1.0, rel=1e-4)

@@ -117,6 +117,8 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     ("ckpt_path=last", "ckpt_path=last"),
     ("model.n_heads=3", "model.n_heads=3"),
     ("scheduler.warmup_steps=10", "scheduler.warmup_steps=10"),
+    ("compile=maybe", "compile=maybe"),
+    ("callbacks.throughput.peak_flops=-1", "callbacks.throughput.peak_flops=-1"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, capsys, override, message):
     if override == "trainer=gpu" and torch.cuda.is_available():

@@ -88,7 +88,7 @@ def _compile(cfg: DictConfig) -> bool:
     if value == "auto":
         return cfg.trainer.get("accelerator") in ("gpu", "cuda")
     if not isinstance(value, bool):
-        raise ValueError(f"compile={value!r}: must be true, false or auto (on for a GPU trainer)")
+        raise ValueError(f"compile={value}: must be true, false or auto (on for a GPU trainer)")
     return value
 
 
