@@ -8,6 +8,12 @@ MFU; 15M shape at vocab 32000 >= 15% MFU.
     python bench/gpu_throughput.py                  # all shapes, CUDA
     python bench/gpu_throughput.py --quick          # fewer steps
     python bench/gpu_throughput.py --device cpu --shapes 15M-4k --steps 3 --batch 2 --no-compile
+
+The same through Lightning (``trainer=gpu``: the ThroughputMonitor logs train/tokens_per_sec and
+train/mfu; metrics.jsonl records them at each validation):
+
+    python train.py model=llama model/attention=mha data=synthetic data.batch_size=128 logger=csv \
+        trainer.max_steps=300 trainer.val_check_interval=100 hydra.run.dir=runs/bench
 """
 
 import argparse
