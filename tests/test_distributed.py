@@ -119,6 +119,7 @@ def test_flops_per_token_and_mfu_match_the_formula_by_hand():
 def test_peak_lookup_prefers_the_longest_name_and_honours_the_override(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     names = {"NVIDIA H100 PCIe": PEAK_FLOPS["H100 PCIe"], "NVIDIA H100 80GB HBM3": PEAK_FLOPS["H100"],
+             "NVIDIA H100 NVL": 836e12, "NVIDIA H200": 989e12,
              "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA GH200 480GB": PEAK_FLOPS["GH200"],
              "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "Some Future GPU": None}
     for name, peak in names.items():

@@ -11,7 +11,8 @@ import torch
 
 # Dense bf16 tensor-core peak FLOP/s (no sparsity), matched by substring of the device name.
 PEAK_FLOPS = {
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "H200": 989e12, "H200 NVL": 836e12, "H100 PCIe": 756e12, "H100 NVL": 836e12, "H100": 989e12,
+    "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
     "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
     "A10G": 70e12, "A10": 125e12, "A6000": 155e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
     "V100": 125e12, "T4": 65e12, "MI300X": 1307e12, "MI250X": 383e12,
