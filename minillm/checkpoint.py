@@ -37,13 +37,13 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu", mmap:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if "weights only" not in str(e).lower() or not found:  # a damaged pickle, not a crafted one
             raise ValueError(_corrupt(path, e)) from None
-        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
         raise ValueError(
             f"ckpt_path={str(path)!r}: refused: the file holds Python objects, not only tensors and "
-            f"plain data, and unpickling them could run code from it ({found[0] if found else 'unsupported pickle'}); "
-            "minillm checkpoints never need that. Load it only if you trust its origin "
+            f"plain data, and unpickling them could run code from it ({found[0]}); minillm "
+            "checkpoints never need that. Load it only if you trust its origin "
             "(torch.load(..., weights_only=False))") from None
     except Exception as e:  # zip/pickle/storage errors of a damaged file come in many types
         raise ValueError(_corrupt(path, e)) from None
@@ -55,7 +55,7 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu", mmap:
 
 def _corrupt(path: Path, e: Exception) -> str:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"ckpt_path={str(path)!r} is truncated or corrupt (not a complete torch checkpoint): "
+    return (f"ckpt_path={str(path)!r} is truncated, corrupt or not a torch checkpoint: "
             f"{type(e).__name__}: {first[:200]}")
 
 

@@ -19,7 +19,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.checkpoint import model_state_dict, read_checkpoint
-from minillm.data.cache import read_manifest
 from minillm.model import Transformer, build_model
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -108,19 +107,12 @@ def meta_model(model_cfg: DictConfig) -> Transformer:
 
 
 def check_vocab(model: Transformer, datamodule) -> None:
-    """The embedding table must hold every id the tokenizer (data.vocab_size, or an existing
-    token cache's tokenizer) can emit."""
+    """The embedding table must hold every id the tokenizer can emit (it has at most data.vocab_size)."""
     if model.vocab_size < datamodule.vocab_size:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than data.vocab_size="
                          f"{datamodule.vocab_size}: token ids up to {datamodule.vocab_size - 1} would "
                          "have no embedding; valid: model.vocab_size >= data.vocab_size "
                          "(the default is ${data.vocab_size})")
-    folder = getattr(datamodule, "folder", None)
-    manifest = read_manifest(folder) if folder is not None else None
-    if manifest is not None and manifest["tokenizer_vocab_size"] > model.vocab_size:
-        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the cached tokenizer's "
-                         f"{manifest['tokenizer_vocab_size']} tokens ({folder}); valid: "
-                         f"model.vocab_size >= {manifest['tokenizer_vocab_size']}")
 
 
 def check_context(model: Transformer, seq_len: int) -> None:
