@@ -233,11 +233,25 @@ def test_skips_run_out(cache, tmp_path, monkeypatch, capsys):
     assert "at step 4" in capsys.readouterr().err and _ckpt(tmp_path)["global_step"] == 3
 
 
-def test_no_checkpoint_is_written_from_nonfinite_weights():
-    state = {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")]), "step": torch.tensor(3)}
+def test_no_checkpoint_is_written_from_nonfinite_weights(cache, tmp_path, monkeypatch, capsys):
+    real_step, calls = torch.optim.AdamW.step, itertools.count(1)
+
+    def step(self, *args, **kwargs):  # the 6th update overflows a weight; losses stay finite until then
+        out = real_step(self, *args, **kwargs)
+        if next(calls) == 6:
+            self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(SystemExit) as info:
+        _train(tmp_path, cache)
+    assert info.value.code == 1 and "non-finite weights at step 6" in capsys.readouterr().err
+    for name in ("last", "best"):
+        checkpoint = _ckpt(tmp_path, name)
+        assert checkpoint["global_step"] == 3
+        check_finite(checkpoint["state_dict"], 3)
     with pytest.raises(NonFiniteError, match=r"non-finite weights at step 5 \(b\)"):
-        check_finite(state, 5)
-    check_finite({"a": torch.ones(3), "n": torch.tensor(7)}, 5)
+        check_finite({"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")])}, 5)
 
 
 # ---- untrusted and damaged files ----
