@@ -1,7 +1,8 @@
 """The LightningModule: next-token cross-entropy plus the model's auxiliary losses.
 
 Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
-(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks), train/tokens_per_sec;
+(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks),
+train/tokens_per_sec, train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``);
 after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
 
 Reliability: a non-finite loss stops the run with ``NonFiniteError`` naming the step, before any
@@ -17,12 +18,13 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 
 from minillm.checkpoint import match_state_dict_keys
 from minillm.model import Transformer
 from minillm.training.rng import get_rng_states, set_rng_states
+from minillm.training.throughput import flops_per_token, peak_flops
 
 
 class NonFiniteError(RuntimeError):
@@ -52,6 +54,8 @@ class LanguageModel(L.LightningModule):
         self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
         self._pending_rng: dict[str, Any] | None = None  # restored at the first batch after a resume
         self.tokens_per_sec: float | None = None
+        self.mfu: float | None = None
+        self._flops_per_token, self._peak_flops = 0.0, None
         self._window = (0, time.perf_counter())  # (tokens_seen, time) at the last speed reading
         self._progress_step = -1
         self._val_sum: Tensor | None = None
@@ -117,9 +121,18 @@ class LanguageModel(L.LightningModule):
         if self.tokens_seen > tokens and now > start:
             self.tokens_per_sec = (self.tokens_seen - tokens) / (now - start)
             self.log("train/tokens_per_sec", self.tokens_per_sec)
+            if self._peak_flops:
+                self.mfu = self.tokens_per_sec * self._flops_per_token / self._peak_flops
+                self.log("train/mfu", self.mfu)
         self._window = (self.tokens_seen, now)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
+        # step too, which reaching max_steps alone does not do with an endless training stream.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
@@ -152,7 +165,11 @@ class LanguageModel(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "describe"):
-            rank_zero_info(f"Data: {datamodule.describe()}")
+            rank_zero_info(datamodule.describe())
+        seq_len = getattr(datamodule, "seq_len", self.model.max_seq_len)
+        self._flops_per_token = flops_per_token(self.model, seq_len)
+        peak = peak_flops(self.device)  # None on CPU or an unknown GPU: no MFU then
+        self._peak_flops = peak * self.trainer.world_size if peak else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_finite(checkpoint["state_dict"], self.global_step)

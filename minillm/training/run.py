@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from minillm.model import build_model
@@ -33,11 +34,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     rank_zero_info(f"Model: {cfg.num_params:,} parameters ({cfg.num_params_active:,} active per token)")
     rank_zero_info(f"Run directory: {run_dir}")
     config = OmegaConf.to_container(cfg, resolve=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, run_dir / "config.yaml")
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, run_dir / "config.yaml")
     if cfg.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
-    module = LanguageModel(model, instantiate(cfg.optimizer), instantiate(cfg.scheduler), config,
+    optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
+    # Dry run on a throwaway parameter: a bad schedule fails now, not after data preparation.
+    scheduler(optimizer([torch.zeros(1, requires_grad=True)]))
+    module = LanguageModel(model, optimizer, scheduler, config,
                            max_nonfinite_skips=cfg.get("nonfinite", {}).get("max_skips", 0))
     loggers = _loggers(cfg.logger)
     # AtomicCheckpointIO: checkpoints are written atomically and read with weights_only=True,
@@ -47,7 +52,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                           plugins=[AtomicCheckpointIO()])
     for logger in loggers:
         logger.log_hyperparams(config)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        _finish_wandb(loggers)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -75,10 +83,18 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
     """Instantiate each configured logger; W&B goes offline unless the user is logged in."""
     logger_cfg = logger_cfg or {}
-    if any("Wandb" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
+    if any("WandbLogger" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
             "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
     return [instantiate(c) for c in logger_cfg.values()]
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run, else the next run of a multirun would log into it."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def _wandb_logged_in() -> bool:
