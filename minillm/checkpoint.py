@@ -55,8 +55,8 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu", mmap:
 
 def _corrupt(path: Path, e: Exception) -> str:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"ckpt_path={str(path)!r} is truncated, corrupt or not a torch checkpoint: "
-            f"{type(e).__name__}: {first[:200]}")
+    return (f"ckpt_path={str(path)!r} is not a readable checkpoint (truncated, corrupt or not a "
+            f"torch file): {type(e).__name__}: {first[:200]}")
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
