@@ -6,7 +6,7 @@ train/tokens_per_sec, train/mfu (on a GPU whose peak is known; ``minillm.trainin
 after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
 
 Reliability: a non-finite loss stops the run with ``NonFiniteError`` naming the step, before any
-update (or, with ``max_nonfinite_skips=N``, skips up to N such batches without an update); a
+update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradient from them); a
 checkpoint is never written from non-finite weights. Checkpoints carry the RNG states, restored at
 the first training batch after a resume so an interrupted run replays the uninterrupted one exactly.
 """
@@ -89,7 +89,8 @@ class LanguageModel(L.LightningModule):
         return finite
 
     def _skip_or_stop(self, total: Tensor, batch_idx: int) -> None:
-        """Skip this batch (no backward, no update) while skips remain, else raise ``NonFiniteError``."""
+        """Skip this batch (no backward: no gradient from it) while skips remain, else raise
+        ``NonFiniteError``."""
         self.nonfinite_skips += 1
         where = f"step {self.global_step} (micro-batch {batch_idx})"
         if self.nonfinite_skips > self.max_nonfinite_skips:
