@@ -129,6 +129,9 @@ class LanguageModel(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
 
+    def on_train_start(self) -> None:
+        self._window = (self.tokens_seen, time.perf_counter())  # exclude data preparation time
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
         # step too, which reaching max_steps alone does not do with an endless training stream.
@@ -186,7 +189,6 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         self.nonfinite_skips = int(checkpoint.get("nonfinite_skips", 0))
         self._pending_rng = checkpoint.get("rng_states")
-        self._window = (self.tokens_seen, time.perf_counter())
 
 
 def check_finite(state_dict: dict[str, Tensor], step: int) -> None:
