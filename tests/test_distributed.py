@@ -180,3 +180,30 @@ def test_fused_adamw_on_cuda_and_clipping_works_with_it():
     module.configure_gradient_clipping(fused, 1.0, "norm")
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
     assert norm.item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_nonfinite_check_on_gpu_reads_the_device_only_at_log_steps(monkeypatch):
+    from minillm.training.module import LanguageModel, NonFiniteError
+
+    model = build_model(compose_cfg(["model=tiny", "model.d_model=32", "model.n_layers=1",
+                                     "model.n_heads=2", "model.max_seq_len=32"]).model)
+    module = LanguageModel(model, None, None, {})
+    module._device = torch.device("cuda", 0)  # the check only asks the device type
+    module.trainer = SimpleNamespace(global_step=0, log_every_n_steps=3, world_size=1)
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(module.global_step) or item(t))
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    for step, total in ((0, nan), (1, one)):  # no read: the loop runs on
+        module.trainer.global_step = step
+        assert module._finite(total)
+    module.trainer.global_step = 2  # a log step ((2 + 1) % 3 == 0): the NaN of step 0 is found
+    with pytest.raises(NonFiniteError, match="at or before step 2"):
+        module._finite(one)
+    assert reads == [2]
+    for step in (3, 4, 5):
+        module.trainer.global_step = step
+        assert module._finite(one)
+    assert reads == [2, 5]
+    module._device = torch.device("cpu")  # on CPU: every micro-batch, before its update
+    assert not module._finite(nan) and reads == [2, 5, 5]

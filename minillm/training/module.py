@@ -6,7 +6,8 @@ validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation te
 (tokens/s, MFU, peak memory) is the ``ThroughputMonitor`` callback's, from ``tokens_seen``.
 
 Reliability: a non-finite loss stops the run with ``NonFiniteError`` naming the step, before any
-update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradient from them); a
+update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradient from them); on a
+GPU without skips it is checked at log steps only, so no step waits for the device; a
 checkpoint is never written from non-finite weights. Checkpoints carry the RNG states, restored at
 the first training batch after a resume so an interrupted run replays the uninterrupted one exactly.
 """
@@ -51,6 +52,7 @@ class LanguageModel(L.LightningModule):
         self.config = config  # plain, resolved: stored in every checkpoint
         self.tokens_seen = 0  # all ranks; ThroughputMonitor reads it
         self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
+        self._nonfinite: Tensor | None = None  # device-side flag since the last check (GPU)
         self._pending_rng: dict[str, Any] | None = None  # restored at the first batch after a resume
         self._progress_step = -1
         self._val_sum: Tensor | None = None
@@ -77,10 +79,23 @@ class LanguageModel(L.LightningModule):
         return total
 
     def _finite(self, total: Tensor) -> bool:
-        """One host sync per micro-batch; across ranks, any rank's non-finite loss counts for all."""
-        finite = bool(torch.isfinite(total.detach()).item())
+        """Whether the loss is finite on every rank: a host sync per micro-batch, except on a GPU
+        without skips, where a device-side flag collects the micro-batches and is read at log steps
+        only (Lightning syncs there anyway), so the loop never waits for the device."""
+        bad = ~torch.isfinite(total.detach())
+        if self.device.type == "cuda" and not self.max_nonfinite_skips:
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            if (self.global_step + 1) % self.trainer.log_every_n_steps:
+                return True
+            bad, self._nonfinite = self._nonfinite, None
+        finite = not bool(bad.item())
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite and self.device.type == "cuda" and not self.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"non-finite training loss at or before step {self.global_step} (on a GPU checked "
+                "every trainer.log_every_n_steps steps); the last checkpoint is kept (lower "
+                "optimizer.lr; nonfinite.max_skips=N checks every batch and skips such batches)")
         return finite
 
     def _skip_or_stop(self, total: Tensor, batch_idx: int) -> None:
