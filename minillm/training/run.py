@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from minillm.model import build_model
 from minillm.training.module import LanguageModel
+from minillm.training.sweep import wandb_grouping
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -75,12 +76,13 @@ def _check_accelerator(trainer_cfg: DictConfig) -> None:
 
 
 def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
-    """Instantiate each configured logger; W&B goes offline unless the user is logged in."""
+    """Instantiate each configured logger; W&B goes offline unless the user is logged in, and groups
+    the runs of a sweep (``minillm.training.sweep.wandb_grouping``)."""
     logger_cfg = logger_cfg or {}
     if any("Wandb" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
             "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
-    return [instantiate(c) for c in logger_cfg.values()]
+    return [instantiate(c, **wandb_grouping(c)) for c in logger_cfg.values()]
 
 
 def _wandb_logged_in() -> bool:
