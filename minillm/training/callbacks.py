@@ -28,6 +28,7 @@ class MetricsHistory(L.Callback):
             "val_bpb": _float(metrics.get("val/bpb")),
             "train_loss": _float(metrics.get("train/loss")),
             "tokens_per_sec": getattr(pl_module, "tokens_per_sec", None),
+            "mfu": getattr(pl_module, "mfu", None),
             "peak_memory_mb": _peak_memory_mb(pl_module.device),
             "elapsed_s": round(time.perf_counter() - self.start, 3),
         }

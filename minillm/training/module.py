@@ -1,8 +1,8 @@
 """The LightningModule: next-token cross-entropy plus the model's auxiliary losses.
 
 Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
-(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks), train/tokens_per_sec;
-after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
+(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks), train/tokens_per_sec,
+train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``); after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
 """
 
 import math
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_info
 
 from minillm.model import Transformer
+from minillm.training.throughput import flops_per_token, peak_flops
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -39,6 +40,8 @@ class LanguageModel(L.LightningModule):
         self.config = config  # plain, resolved: stored in every checkpoint
         self.tokens_seen = 0
         self.tokens_per_sec: float | None = None
+        self.mfu: float | None = None
+        self._flops_per_token, self._peak_flops = 0.0, None
         self._window = (0, time.perf_counter())  # (tokens_seen, time) at the last speed reading
         self._progress_step = -1
         self._val_sum: Tensor | None = None
@@ -76,6 +79,9 @@ class LanguageModel(L.LightningModule):
         if self.tokens_seen > tokens and now > start:
             self.tokens_per_sec = (self.tokens_seen - tokens) / (now - start)
             self.log("train/tokens_per_sec", self.tokens_per_sec)
+            if self._peak_flops:
+                self.mfu = self.tokens_per_sec * self._flops_per_token / self._peak_flops
+                self.log("train/mfu", self.mfu)
         self._window = (self.tokens_seen, now)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
@@ -111,7 +117,11 @@ class LanguageModel(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "describe"):
-            rank_zero_info(f"Data: {datamodule.describe()}")
+            rank_zero_info(datamodule.describe())
+        seq_len = getattr(datamodule, "seq_len", self.model.max_seq_len)
+        self._flops_per_token = flops_per_token(self.model, seq_len)
+        peak = peak_flops(self.device)  # None on CPU or an unknown GPU: no MFU then
+        self._peak_flops = peak * self.trainer.world_size if peak else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self.config

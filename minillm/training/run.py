@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -42,7 +43,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                           logger=loggers or False, default_root_dir=str(run_dir))
     for logger in loggers:
         logger.log_hyperparams(config)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_wandb(loggers)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -79,10 +83,18 @@ def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
     """Instantiate each configured logger; W&B goes offline unless the user is logged in, and groups
     the runs of a sweep (``minillm.training.sweep.wandb_grouping``)."""
     logger_cfg = logger_cfg or {}
-    if any("Wandb" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
+    if any("WandbLogger" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
             "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
     return [instantiate(c, **wandb_grouping(c)) for c in logger_cfg.values()]
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run, else the next run of a multirun would log into it."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def _wandb_logged_in() -> bool:
