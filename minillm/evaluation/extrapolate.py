@@ -44,7 +44,8 @@ def windows_loss(model: Transformer, tokens: np.ndarray, length: int, batch_toke
     return total / (n_windows * length)
 
 
-def _check(factors: Any, n_tokens: Any, rope_scaling: str) -> list[int]:
+def check_options(factors: Any, n_tokens: Any, rope_scaling: str) -> list[int]:
+    """The sorted distinct factors; ValueError naming the setting when any option is invalid."""
     factors = list(factors) if not isinstance(factors, (int, str)) else [factors]
     if not factors or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in factors):
         raise ValueError(f"factors={factors!r} must be a list of integers >= 1, e.g. [1,2,4,8]")
@@ -58,7 +59,7 @@ def _check(factors: Any, n_tokens: Any, rope_scaling: str) -> list[int]:
 def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: int = 16384,
                 rope_scaling: str = "none", device: str = "auto", write: bool = True) -> dict[str, Any]:
     """Validation loss of the checkpoint at each ``factor`` x its training context (see module doc)."""
-    factors = _check(factors, n_tokens, rope_scaling)
+    factors = check_options(factors, n_tokens, rope_scaling)
     checkpoint = read_checkpoint(ckpt_path, pick_device(device))
     model, _, cfg = unpack_checkpoint(checkpoint, pick_device(device))
     if rope_scaling != "none" and not isinstance(model.position, RoPE):
@@ -114,8 +115,9 @@ def _rescaled(cfg: DictConfig, checkpoint: dict, scaling: str, factor: int) -> T
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table: one row per length (loss, bpb, or where the scheme stops)."""
-    lines = [f"| factor | length | val loss | val bpb |", "|---|---|---|---|"]
-    for k, length, loss, bpb in zip(result["factors"], result["lengths"], result["val_loss"], result["val_bpb"]):
+    lines = ["| factor | length | val loss | val bpb |", "|---|---|---|---|"]
+    for k, length, loss, bpb in zip(result["factors"], result["lengths"], result["val_loss"],
+                                    result["val_bpb"]):
         cells = ("n/a", "n/a") if loss is None else (f"{loss:.4f}", f"{bpb:.4f}")
         lines.append(f"| {k}x | {length} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
@@ -127,9 +129,10 @@ def _write(result: dict[str, Any], folder: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stem = "extrapolation" + ("" if result["rope_scaling"] == "none" else f"_{result['rope_scaling']}")
+    scaling = result["rope_scaling"]
+    stem = "extrapolation" + ("" if scaling == "none" else f"_{scaling}")
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    title = f"{result['position']}" + ("" if result["rope_scaling"] == "none" else f" ({result['rope_scaling']} scaling)")
+    title = result["position"] + ("" if scaling == "none" else f" ({scaling} scaling)")
     text = (f"# Length extrapolation: {title}\n\n{result['ckpt_path']}, trained at {result['train_len']} "
             f"tokens; each length predicts the same {result['tokens']:,} validation tokens.\n\n"
             f"{table(result)}\n")

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.evaluation.extrapolate import extrapolate
+from minillm.evaluation.extrapolate import check_options, extrapolate
 from minillm.evaluation.members import Member, read_sweep, swept_keys
 
 STATS = ("val_loss", "val_ppl", "val_bpb", "tokens_per_sec", "peak_memory_mb")  # mean and std over seeds
@@ -157,59 +157,66 @@ def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def extrapolation_section(groups: dict[tuple[str, ...], list[Member]], keys: list[str], folder: Path,
-                          factors: list[int], n_tokens: int, rope_scaling: str,
-                          device: str) -> tuple[str, list[dict[str, Any]]]:
-    """Markdown and CSV rows of validation loss at each factor x context, mean over each group's
-    members with a checkpoint (``n/a`` past what a scheme encodes), and ``extrapolation.png``."""
-    import matplotlib.pyplot as plt
+def _uses_rope(member: Member) -> bool:
+    position = ((member.config or {}).get("model") or {}).get("position") or {}
+    return str(position.get("_target_", "")).endswith(".RoPE")
 
+
+def extrapolation_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str], factors: list[int],
+                       n_tokens: int, rope_scaling: str,
+                       device: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per group: mean and std over its ok members with a checkpoint of the validation loss at each
+    factor (None past what the scheme encodes), plus the training context; and the schemes' notes."""
     rows, notes = [], []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (values, members) in enumerate(groups.items()):
-        results = []
-        for m in members:
-            if m.checkpoint is None or m.status == "failed":
-                continue
-            scaling = rope_scaling if (m.config or {}).get("model", {}).get("position", {}).get(
-                "_target_", "").endswith("RoPE") else "none"
-            results.append(extrapolate(m.checkpoint, factors, n_tokens, scaling, device))
+    for values, members in groups.items():
+        results = [extrapolate(m.checkpoint, factors, n_tokens, rope_scaling if _uses_rope(m) else "none",
+                               device) for m in members if m.status == "ok" and m.checkpoint is not None]
         if not results:
             continue
-        row: dict[str, Any] = dict(zip(keys, values))
-        row["runs"] = len(results)
+        row: dict[str, Any] = {**dict(zip(keys, values)), "runs": len(results),
+                               "train_len": results[0]["train_len"], "tokens": results[0]["tokens"]}
         for j, k in enumerate(results[0]["factors"]):
             row[f"loss_{k}x_mean"], row[f"loss_{k}x_std"] = _mean_std([r["val_loss"][j] for r in results])
         rows.append(row)
         if results[0]["note"]:
             notes.append(f"{_label(keys, values)}: {results[0]['note']}")
-        points = [(length, row[f"loss_{k}x_mean"], row[f"loss_{k}x_std"])
-                  for k, length in zip(results[0]["factors"], results[0]["lengths"])
+    return rows, notes
+
+
+def plot_extrapolation(rows: list[dict[str, Any]], keys: list[str], factors: list[int], path: Path) -> None:
+    """Validation loss against evaluation length (x the training context), one line per group."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, row in enumerate(rows):
+        points = [(k, row[f"loss_{k}x_mean"], row[f"loss_{k}x_std"]) for k in factors
                   if row[f"loss_{k}x_mean"] is not None]
-        xs, ys, es = zip(*points)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i % 10}", label=_label(keys, values))
-        train_len, lengths, n = results[0]["train_len"], results[0]["lengths"], results[0]["tokens"]
-    if not rows:
-        plt.close(fig)
-        return "", []
-    ax.axvline(train_len, color="grey", linestyle=":", label="training context")
-    ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="validation loss (nats/token)",
-           title="Length extrapolation")
-    ax.set_xticks(lengths, [str(x) for x in lengths])
+        ax.errorbar(*zip(*points), marker="o", capsize=3, color=f"C{i % 10}",
+                    label=_label(keys, tuple(row[k] for k in keys)))
+    ax.axvline(1, color="grey", linestyle=":", label="training context")
+    ax.set(xscale="log", xlabel="evaluation length / training context", title="Length extrapolation",
+           ylabel="validation loss (nats/token)")
+    ax.set_xticks(factors, [f"{k}x" for k in factors])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(folder / "extrapolation.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    header = keys + [f"{k}x ({k * train_len})" for k in factors]
-    body = [[str(r.get(k, "")) for k in keys] + [_pm(r, f"loss_{k}x") or "n/a" for k in factors] for r in rows]
-    scaling = "" if rope_scaling == "none" else f" RoPE members with `{rope_scaling}` scaling (factor = length / {train_len})."
-    text = (f"## Length extrapolation\n\nValidation loss (nats/token) at each multiple of the training "
-            f"context, on the same {n:,} validation tokens for every length (checkpoints/last.ckpt of "
-            f"each member).{scaling} n/a: the position scheme cannot encode that length.\n\n"
-            f"{_markdown_table(header, body)}\n\n" + "".join(f"- {n_}\n" for n_ in notes)
-            + "\n![extrapolation](extrapolation.png)\n")
-    return text, rows
+
+
+def extrapolation_markdown(rows: list[dict[str, Any]], notes: list[str], keys: list[str],
+                           factors: list[int], rope_scaling: str) -> str:
+    """The report's length-extrapolation section."""
+    header = keys + ["context"] + [f"{k}x" for k in factors]
+    body = [[str(r[k]) for k in keys] + [str(r["train_len"])]
+            + [_pm(r, f"loss_{k}x") or "n/a" for k in factors] for r in rows]
+    scaling = "" if rope_scaling == "none" else \
+        f" RoPE members use `{rope_scaling}` scaling (factor = evaluation length / context)."
+    return (f"## Length extrapolation\n\nValidation loss (nats/token) at multiples of the training "
+            f"context, on the same {rows[0]['tokens']:,} validation tokens at every length "
+            f"(checkpoints/last.ckpt of each ok member, mean ± std over seeds).{scaling} n/a: the "
+            f"position scheme cannot encode that length.\n\n{_markdown_table(header, body)}\n\n"
+            + "".join(f"- {note}\n" for note in notes) + "\n![extrapolation](extrapolation.png)\n")
 
 
 def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, factors: Any = (1, 2, 4, 8),
@@ -218,6 +225,7 @@ def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, facto
     import matplotlib
 
     matplotlib.use("Agg")
+    factors = check_options(factors, n_tokens, rope_scaling)
     folder = Path(sweep_dir)
     members = read_sweep(folder)
     keys = swept_keys(members, folder)
@@ -232,10 +240,11 @@ def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, facto
         extrapolation = any("position" in k for k in keys)
     extra_text, extra_rows = "", []
     if extrapolation:
-        extra_text, extra_rows = extrapolation_section(groups, keys, folder, list(factors), n_tokens,
-                                                       rope_scaling, device)
+        extra_rows, notes = extrapolation_rows(groups, keys, factors, n_tokens, rope_scaling, device)
         if extra_rows:
             write_csv(folder / "extrapolation.csv", extra_rows)
+            plot_extrapolation(extra_rows, keys, factors, folder / "extrapolation.png")
+            extra_text = extrapolation_markdown(extra_rows, notes, keys, factors, rope_scaling)
             files += [str(folder / "extrapolation.csv"), str(folder / "extrapolation.png")]
     (folder / "report.md").write_text(_markdown(folder, members, keys, rows, runs) + extra_text)
     return {"rows": rows, "members": runs, "extrapolation": extra_rows, "files": files}
@@ -251,8 +260,8 @@ def _markdown(folder: Path, members: list[Member], keys: list[str], rows: list[d
                      "FLOPs/token", "tokens/s", "peak MiB"]
     body = [[str(r[k]) for k in keys] + [
         r["status"], r["seeds"], _pm(r, "val_loss"), _pm(r, "val_ppl", 2), _pm(r, "val_bpb"),
-        _fmt(r["tokens"]), _fmt(r["params"]), _fmt(r["active_params"]), _fmt(r["flops_per_token"]), _pm(r, "tokens_per_sec", 0), _fmt(r["peak_memory_mb_mean"], 0)]
-        for r in rows]
+        _fmt(r["tokens"]), _fmt(r["params"]), _fmt(r["active_params"]), _fmt(r["flops_per_token"]),
+        _pm(r, "tokens_per_sec", 0), _fmt(r["peak_memory_mb_mean"], 0)] for r in rows]
     member_header = ["run"] + keys + ["seed", "status", "val loss", "bpb", "tokens", "note"]
     member_body = [[r["run"]] + [str(r[k]) for k in keys] + [
         str(r["seed"]), r["status"], _fmt(r["val_loss"]), _fmt(r["val_bpb"]), _fmt(r["tokens"]), r["note"]]
