@@ -43,6 +43,7 @@ def attention_maps(model: Transformer, ids: list[int]) -> np.ndarray:
 def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -> None:
     """One layer's heads (H, T, T) as a grid of heat maps, query tokens down, key tokens across."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
 
     n_heads, t = weights.shape[0], weights.shape[-1]
     cols = min(n_heads, 4)
@@ -53,7 +54,7 @@ def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -
         if h >= n_heads:
             ax.axis("off")
             continue
-        ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.imshow(weights[h], cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0))  # faint weights show
         ax.set_title(f"layer {layer}, head {h}", fontsize=9)
         ax.set_xticks(range(t), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(t), labels, fontsize=7)

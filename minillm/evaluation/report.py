@@ -56,8 +56,8 @@ def group_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str]) -> 
                    seeds=" ".join(str(m.seed) for m in members))
         summaries = [m.summary() for m in ok]
         for metric in SIZES:  # from the ok members; sizes from any member, so failed rows show them
-            values = [s[metric] for s in (summaries if metric == "tokens" else map(Member.summary, members))]
-            row[metric] = next((int(v) for v in values if v is not None and math.isfinite(v)), None)
+            found = [s[metric] for s in (summaries if metric == "tokens" else map(Member.summary, members))]
+            row[metric] = next((int(v) for v in found if v is not None and math.isfinite(v)), None)
         for metric in STATS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([s[metric] for s in summaries])
         rows.append(row)
@@ -144,8 +144,8 @@ def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
                   color=[f"C{i % 10}" for i in range(len(rows))])
     for bar, row in zip(bars, rows):
         if row["val_bpb_mean"] is None:
-            ax.text(bar.get_x() + bar.get_width() / 2, 0, row["status"], ha="center", va="bottom",
-                    rotation=90, fontsize=8)
+            ax.text(bar.get_x() + bar.get_width() / 2, 0.03, row["status"], ha="center", va="bottom",
+                    rotation=90, fontsize=8, transform=ax.get_xaxis_transform())  # y in axes units
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
     finite = [m - s for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None]
     if finite:  # zoom in: the differences are small next to the absolute value
@@ -273,7 +273,7 @@ def _markdown(folder: Path, members: list[Member], keys: list[str], rows: list[d
             "Figures are the mean ± std over each setting's ok seeds, at the last validation; "
             "FLOPs/token counts forward + backward (6N + 12 L H D T, active parameters). "
             "tokens/s is the median training throughput, peak MiB the peak memory (CUDA allocated, "
-            "or the process's peak RSS on CPU).\n\n"
+            "or on CPU the process's peak RSS, which later members of a one-process sweep inherit).\n\n"
             f"{_markdown_table(header, body)}\n\n![validation loss](val_loss.png)\n\n"
             f"![bits per byte](bpb.png)\n\n## Runs\n\n{_markdown_table(member_header, member_body)}\n\n")
 
