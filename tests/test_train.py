@@ -68,10 +68,12 @@ def test_local_tinystories_copy_trains(tmp_path):
         text = "".join(f"{s}\n<|endoftext|>\n" for s in generate_stories(n, 1, split))
         (data / f"{split}.txt").write_text(text)
     run_dir = tmp_path / "run"
-    _train(run_dir, "data=tinystories", f"data.path={data}", "trainer.max_steps=2", "logger=none")
+    _train(run_dir, "data=tinystories", f"data.path={data}", "trainer.max_steps=3", "logger=none")
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 2 and ckpt["config"]["data"]["path"] == str(data)
-    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1
+    assert ckpt["global_step"] == 3 and ckpt["config"]["data"]["path"] == str(data)
+    # Validation every 2 steps, and at the last step (3) though it is off that grid.
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3]
 
 
 def test_schedule_follows_warmup_then_cosine():
@@ -114,6 +116,7 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     ("data.path=/no/such/dir", "data.path"),
     ("ckpt_path=last", "ckpt_path=last"),
     ("model.n_heads=3", "model.n_heads=3"),
+    ("scheduler.warmup_steps=10", "scheduler.warmup_steps=10"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, capsys, override, message):
     if override == "trainer=gpu" and torch.cuda.is_available():

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ from typing import Any
 import numpy as np
 from datasets import Features, Sequence, Value
 
-from minillm.data.sources import SPLITS, clean_story
+from minillm.data.sources import SPLITS, DataUnavailableError, clean_story
 from minillm.data.tokenizer import EOT, load_tokenizer, tokenizer_hash, train_tokenizer
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the layout or the token stream changes, so old caches are rebuilt
 MANIFEST = "manifest.json"
+ROWS_PER_PROC = 1000  # tokenization starts another process only for this many more stories
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -94,16 +96,44 @@ def _write_tokens(fh, ds, dtype: np.dtype) -> dict[str, int]:
     return {"tokens": n_tokens, "stories": int((n_bytes > 0).sum()), "bytes": int(n_bytes.sum())}
 
 
+def _tokenize_split(ds, split: str, tok_json: str, dtype: np.dtype, num_proc: int, folder: Path,
+                    work: Path) -> dict[str, int]:
+    """Tokenize one split (``datasets.map``, Arrow output under ``work``) into ``<split>.bin``."""
+    n_proc = max(1, min(num_proc, len(ds) // ROWS_PER_PROC))
+    encoded = ds.map(
+        _encode_batch,
+        batched=True,
+        num_proc=n_proc if n_proc > 1 else None,
+        fn_kwargs={"tokenizer_json": tok_json},
+        remove_columns=ds.column_names,
+        features=Features({"ids": Sequence(Value(dtype.name)), "n_bytes": Value("int64")}),
+        cache_file_name=str(work / f"{split}-ids.arrow"),
+        load_from_cache_file=False,
+        new_fingerprint=f"{tokenizer_hash(tok_json)[:16]}-{split}",
+        desc=f"tokenizing {split}",
+    )
+    counts: dict[str, int] = {}
+    atomic_write(folder / f"{split}.bin", lambda fh: counts.update(_write_tokens(fh, encoded, dtype)))
+    return counts
+
+
 def build_cache(
     source, folder: Path, vocab_size: int, num_proc: int, show_progress: bool = True
 ) -> dict:
     """Make ``folder`` hold the tokenizer and token files of ``source``; reuse them when still valid.
 
     Returns the manifest. Rebuilds when the manifest is missing or incomplete, the source fingerprint
-    changed, or the tokenizer file no longer matches its recorded hash.
+    changed, or the tokenizer file no longer matches its recorded hash. If the source cannot be
+    reached but a complete cache built from it exists, that cache is used, with a warning.
     """
-    fingerprint = source.fingerprint()
     manifest = read_manifest(folder)
+    try:
+        fingerprint = source.fingerprint()
+    except DataUnavailableError as e:
+        if manifest is None:
+            raise
+        warnings.warn(f"{e} Using the complete token cache {folder} built from it earlier.", stacklevel=2)
+        return manifest
     if manifest is not None and manifest["source_fingerprint"] == fingerprint:
         return manifest
     log.info("building token cache %s for %s", folder, source.describe)
@@ -123,28 +153,7 @@ def build_cache(
         dtype = token_dtype(vocab_size)
         if num_proc > 1:  # workers are forked after training used threads: keep them single-threaded
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        splits = {}
-        for split in SPLITS:
-            n_proc = max(1, min(num_proc, len(ds[split]) // 1000))  # a process per >= 1000 stories
-            encoded = ds[split].map(
-                _encode_batch,
-                batched=True,
-                num_proc=n_proc if n_proc > 1 else None,
-                fn_kwargs={"tokenizer_json": tok_json},
-                remove_columns=ds[split].column_names,
-                features=Features({"ids": Sequence(Value(dtype.name)), "n_bytes": Value("int64")}),
-                cache_file_name=str(work / f"{split}-ids.arrow"),
-                load_from_cache_file=False,
-                new_fingerprint=f"{tokenizer_hash(tok_json)[:16]}-{split}",
-                desc=f"tokenizing {split}",
-            )
-            counts: dict[str, int] = {}
-
-            def write(fh, encoded=encoded, counts=counts):
-                counts.update(_write_tokens(fh, encoded, dtype))
-
-            atomic_write(folder / f"{split}.bin", write)
-            splits[split] = counts
+        splits = {s: _tokenize_split(ds[s], s, tok_json, dtype, num_proc, folder, work) for s in SPLITS}
         manifest = {
             "format": FORMAT,
             "source": source.describe,

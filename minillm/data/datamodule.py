@@ -9,6 +9,7 @@ Validation is deterministic, non-overlapping windows; bits per byte =
 """
 
 import hashlib
+import math
 import struct
 from itertools import count
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minillm.data.cache import build_cache, read_manifest
 from minillm.data.sources import make_source
@@ -24,7 +25,7 @@ from minillm.data.tokenizer import EOT, check_vocab_size, load_tokenizer
 
 
 def batch_seed(seed: int, block: int) -> int:
-    """A 63-bit generator seed for sample block ``block`` (hashed, so (seed, block) pairs never collide)."""
+    """A 63-bit generator seed for sample block ``block``; hashing keeps (seed, block) pairs apart."""
     digest = hashlib.blake2b(struct.pack("<qq", seed, block), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -58,22 +59,34 @@ class TrainStream(IterableDataset):
             yield self.batch(tokens, n)
 
 
-class ValWindows(Dataset):
-    """Non-overlapping windows ``[i*T, i*T + T]`` of a contiguous token range ``[lo, hi)``."""
+class ValBatches(IterableDataset):
+    """Batches of the non-overlapping windows ``lo + [i*T, i*T + T]``, i < n_windows, in order.
 
-    def __init__(self, path: str, dtype: str, seq_len: int, lo: int, n_windows: int) -> None:
-        self.path, self.dtype, self.seq_len, self.lo, self.n = path, dtype, seq_len, lo, n_windows
-        self._tokens = None
+    Iterable rather than map-style so Lightning never adds a DistributedSampler on top of the
+    per-rank share this already is; workers take every k-th batch and the DataLoader keeps order.
+    """
+
+    def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, lo: int,
+                 n_windows: int) -> None:
+        self.path, self.dtype, self.seq_len, self.batch_size = path, dtype, seq_len, batch_size
+        self.lo, self.n_windows = lo, n_windows
 
     def __len__(self) -> int:
-        return self.n
+        return math.ceil(self.n_windows / self.batch_size)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._tokens is None:
-            self._tokens = _open(self.path, self.dtype)
-        a = self.lo + i * self.seq_len
-        window = torch.from_numpy(self._tokens[a : a + self.seq_len + 1].astype(np.int64))
-        return window[:-1], window[1:]
+    def batch(self, tokens: np.ndarray, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i``: (x, y), each (<= batch_size, seq_len) int64."""
+        first = np.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.n_windows))
+        idx = self.lo + first[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (B, T+1)
+        window = torch.from_numpy(tokens[idx].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+    def __iter__(self):
+        tokens = _open(self.path, self.dtype)
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(worker, len(self), n_workers):
+            yield self.batch(tokens, i)
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -108,6 +121,8 @@ class TokenDataModule(L.LightningDataModule):
         _positive_int("num_proc", num_proc)
         if val_tokens is not None:
             _positive_int("val_tokens", val_tokens, seq_len + 1)
+        if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
+            raise ValueError(f"seed={seed!r}: must be an integer (64-bit)")
         self.source = make_source(source, path, n_stories, corpus_seed)
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.num_workers, self.num_proc, self.val_tokens = num_workers, num_proc, val_tokens
@@ -121,6 +136,8 @@ class TokenDataModule(L.LightningDataModule):
     # ---- preparing and opening the cache ----
     def prepare_data(self) -> None:
         """Load the text, train the tokenizer and tokenize both splits into the cache (or reuse it)."""
+        if self._prepared:
+            return
         self.manifest = build_cache(
             self.source, self.folder, self.vocab_size, self.num_proc, self.show_progress
         )
@@ -142,7 +159,8 @@ class TokenDataModule(L.LightningDataModule):
                     f"{manifest['splits'][split]['tokens']} tokens; it needs more than seq_len"
                 )
         self.manifest = manifest
-        self._tokenizer = load_tokenizer((self.folder / "tokenizer.json").read_text())
+        self._tokenizer_json = (self.folder / "tokenizer.json").read_text()
+        self._tokenizer = load_tokenizer(self._tokenizer_json)
 
     def _ready(self) -> dict:
         if self._tokenizer is None:
@@ -159,7 +177,8 @@ class TokenDataModule(L.LightningDataModule):
     @property
     def tokenizer_json(self) -> str:
         """The serialized tokenizer (stored in checkpoints; rebuild it with ``load_tokenizer``)."""
-        return self.tokenizer.to_str()
+        self._ready()
+        return self._tokenizer_json
 
     @property
     def eot_id(self) -> int:
@@ -172,7 +191,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def decode(self, ids) -> str:
         """Text of ``ids``, EOT tokens kept as ``<|endoftext|>``."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays too
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     @property
     def bytes_per_token(self) -> float:
@@ -220,7 +240,7 @@ class TokenDataModule(L.LightningDataModule):
             persistent_workers=False,
         )
 
-    def val_dataset(self) -> ValWindows:
+    def val_dataset(self) -> ValBatches:
         """This rank's contiguous share of the validation windows (equal shares across ranks)."""
         rank, world = self._rank()
         n_tokens = self._ready()["splits"]["validation"]["tokens"]
@@ -232,15 +252,14 @@ class TokenDataModule(L.LightningDataModule):
                 f"data.val_tokens={self.val_tokens}: {n_tokens} validation tokens give no window of "
                 f"seq_len={self.seq_len} per rank on {world} ranks"
             )
-        return ValWindows(*self._bin("validation"), self.seq_len, rank * per_rank * self.seq_len,
-                          per_rank)
+        return ValBatches(*self._bin("validation"), self.seq_len, self.batch_size,
+                          rank * per_rank * self.seq_len, per_rank)
 
     def val_dataloader(self) -> DataLoader:
         """Deterministic, non-overlapping validation windows, in order."""
         return DataLoader(
             self.val_dataset(),
-            batch_size=self.batch_size,
-            shuffle=False,
+            batch_size=None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )

@@ -119,7 +119,8 @@ class LocalSource:
             fp = self.fingerprint()
             return DatasetDict({
                 s: Dataset.from_generator(
-                    _story_rows, cache_dir=str(work_dir), gen_kwargs={"paths": files[s], "fingerprint": fp}
+                    _story_rows, cache_dir=str(work_dir), split=s,
+                    gen_kwargs={"paths": files[s], "fingerprint": fp},
                 )
                 for s in SPLITS
             })
@@ -135,10 +136,8 @@ class LocalSource:
 
 def _find_files(root: Path, path: str) -> tuple[str, dict[str, list[Path]]]:
     """The first format with both splits present: text files, then parquet, then json / jsonl."""
-    text = {
-        "train": [p for p in root.glob("*.txt") if re.search(r"(^|[-_])train\.txt$", p.name)],
-        "validation": [p for p in root.glob("*.txt") if re.search(r"(^|[-_])valid(ation)?\.txt$", p.name)],
-    }
+    patterns = {"train": r"(^|[-_])train\.txt$", "validation": r"(^|[-_])valid(ation)?\.txt$"}
+    text = {s: [p for p in root.glob("*.txt") if re.search(patterns[s], p.name)] for s in SPLITS}
     if text["train"] and text["validation"]:
         # Shortest name first: train.txt, then TinyStories-train.txt, then TinyStoriesV2-GPT4-train.txt.
         return "text", {s: [min(text[s], key=lambda p: (len(p.name), p.name))] for s in SPLITS}

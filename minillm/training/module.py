@@ -1,8 +1,9 @@
 """The LightningModule: next-token cross-entropy plus the model's auxiliary losses.
 
 Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
-(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks), train/tokens_per_sec,
-train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``); after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
+(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks),
+train/tokens_per_sec, train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``);
+after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
 """
 
 import math
@@ -12,8 +13,8 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 
 from minillm.model import Transformer
 from minillm.training.throughput import flops_per_token, peak_flops
@@ -85,6 +86,12 @@ class LanguageModel(L.LightningModule):
         self._window = (self.tokens_seen, now)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
+        # step too, which reaching max_steps alone does not do with an endless training stream.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count = torch.zeros((), device=self.device), 0

@@ -11,7 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from minillm.model import build_model
@@ -33,11 +33,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     rank_zero_info(f"Model: {cfg.num_params:,} parameters ({cfg.num_params_active:,} active per token)")
     rank_zero_info(f"Run directory: {run_dir}")
     config = OmegaConf.to_container(cfg, resolve=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, run_dir / "config.yaml")
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, run_dir / "config.yaml")
     if cfg.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
-    module = LanguageModel(model, instantiate(cfg.optimizer), instantiate(cfg.scheduler), config)
+    optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
+    # Dry run on a throwaway parameter: a bad schedule fails now, not after data preparation.
+    scheduler(optimizer([torch.zeros(1, requires_grad=True)]))
+    module = LanguageModel(model, optimizer, scheduler, config)
     loggers = _loggers(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()],
                           logger=loggers or False, default_root_dir=str(run_dir))
