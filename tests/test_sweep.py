@@ -152,6 +152,19 @@ def test_report_marks_failed_unfinished_and_diverged_members(sweep, tmp_path):
     assert len(result["rows"]) == 3
 
 
+def test_a_run_that_really_diverges_is_reported_as_diverged(tmp_path):
+    import train
+
+    run = tmp_path / "sweep" / "0"
+    train.main(compose_cfg(SWEEP + [f"run_dir={run}", f"data.cache_dir={tmp_path.parent / 'data_cache'}",
+                                    "optimizer.lr=1e6", "scheduler.min_lr=1e5", "trainer.gradient_clip_val=null"]))
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["optimizer.lr=1e6"]))
+    result = _eval("mode=report", f"sweep_dir={run.parent}", "extrapolate=false")
+    assert [r["status"] for r in result["members"]] == ["diverged"]
+    assert math.isnan(result["members"][0]["val_loss"])
+
+
 def test_extrapolation_stops_where_the_scheme_does(sweep, tmp_path):
     learned = extrapolate(sweep / "0" / "checkpoints" / "last.ckpt", n_tokens=2048)
     assert learned["lengths"] == [SEQ, 2 * SEQ, 4 * SEQ, 8 * SEQ] and learned["stops_at"] == 1
