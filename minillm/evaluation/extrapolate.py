@@ -146,6 +146,7 @@ def _write(result: dict[str, Any], folder: Path) -> list[str]:
     ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="validation loss (nats/token)",
            title="Length extrapolation")
     ax.set_xticks(result["lengths"], [str(x) for x in result["lengths"]])
+    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / f"{stem}.png", dpi=120)
