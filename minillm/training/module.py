@@ -87,6 +87,9 @@ class LanguageModel(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
 
+    def on_train_start(self) -> None:
+        self._window = (self.tokens_seen, time.perf_counter())  # exclude data preparation time
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
         # step too, which reaching max_steps alone does not do with an endless training stream.
@@ -137,4 +140,3 @@ class LanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
-        self._window = (self.tokens_seen, time.perf_counter())
