@@ -22,7 +22,7 @@ import eval as eval_script
 from minillm.evaluation.attention import math_model
 from minillm.evaluation.extrapolate import extrapolate
 from minillm.model import build_model
-from minillm.training.sweep import wandb_grouping
+from minillm.training.sweep import RunStatus, wandb_grouping
 
 STEPS, BATCH, SEQ = 6, 4, 32
 SWEEP = [o for o in TINY_TRAIN if not o.startswith(("trainer.max_steps", "trainer.val_check", "logger"))] + [
@@ -249,3 +249,18 @@ def test_wandb_groups_runs_of_a_sweep(tmp_path):
     finally:
         HydraConfig.instance().cfg = None
     assert extra == {"group": "ablate_position_2026", "tags": ["model/position=alibi", "seed=1"]}
+
+
+def test_run_status_records_a_failed_job(tmp_path):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"run_dir": None, "hydra": {"runtime": {"output_dir": str(tmp_path)}}})
+    RunStatus().on_job_start(config, task_function=None)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "running"
+    failed = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("CUDA out of memory\nmore"))
+    RunStatus().on_job_end(config, job_return=failed)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: CUDA out of memory"
+    RunStatus().on_job_end(config, job_return=JobReturn(status=JobStatus.COMPLETED, _return_value=1.0))
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
