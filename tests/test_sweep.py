@@ -62,6 +62,8 @@ def test_presets_give_every_member_the_same_budget(name):
     budgets = {(c.trainer.max_steps, c.data.batch_size, c.data.seq_len) for c in members}
     assert len(budgets) == 1 and members[0].trainer.accelerator == "cpu"
     models = [build_model(c.model) for c in members]
+    for model in models:  # every member's model runs
+        assert torch.isfinite(model(torch.randint(0, 100, (1, 16)))).all()
     if name == "ablate_ffn":  # equal active weights; MoE adds only its router (C x E per layer)
         active = [m.num_params(active=True) for m in models]
         router = members[0].model.n_layers * members[0].model.d_model * 8
