@@ -64,10 +64,12 @@ def test_ddp_two_processes_equal_one_process_accumulating_two(tmp_path):
     for a, b in zip(first, second):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
         assert b["tokens"] == a["tokens"]
-    # Only rank 0 writes run files; Hydra opens a log file for rank 1, which stays empty.
-    assert sorted(p.name for p in ddp.iterdir()) == [".hydra", "checkpoints", "config.yaml", "csv",
-                                                    "metrics.jsonl", "train.log", "train_ddp_process_1.log"]
+    # Only rank 0 writes run files: the same files as one process, besides Hydra's (the in-process
+    # run has none), whose log file for rank 1 stays empty.
+    hydra_files = {".hydra", "train.log", "train_ddp_process_1.log", "status.json"}
+    assert {p.name for p in ddp.iterdir()} == {p.name for p in single.iterdir()} | hydra_files
     assert (ddp / "train_ddp_process_1.log").stat().st_size == 0
+    assert json.loads((ddp / "status.json").read_text())["status"] == "completed"
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (ddp / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]
 
@@ -207,3 +209,17 @@ def test_nonfinite_check_on_gpu_reads_the_device_only_at_log_steps(monkeypatch):
     assert reads == [2, 5]
     module._device = torch.device("cpu")  # on CPU: every micro-batch, before its update
     assert not module._finite(nan) and reads == [2, 5, 5]
+
+
+@pytest.mark.parametrize("env, zero", [
+    ({}, True), ({"LOCAL_RANK": "1"}, False), ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+    ({"SLURM_PROCID": "3"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
+])
+def test_only_global_rank_zero_writes_the_run_status(monkeypatch, env, zero):
+    from minillm.training.sweep import is_global_rank_zero
+
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_global_rank_zero() is zero
