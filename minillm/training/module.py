@@ -158,10 +158,12 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         keywords = getattr(self.optimizer_factory, "keywords", {})
-        extra = {}
+        groups = param_groups(self.model, keywords.get("weight_decay", 0.0))
         if keywords.get("fused") is None and self.device.type == "cuda" and _takes_fused(self.optimizer_factory):
-            extra["fused"] = True  # one kernel for the whole update instead of one per tensor
-        optimizer = self.optimizer_factory(param_groups(self.model, keywords.get("weight_decay", 0.0)), **extra)
+            # one kernel for the whole update instead of a few per tensor
+            optimizer = self.optimizer_factory(groups, fused=True)
+        else:
+            optimizer = self.optimizer_factory(groups)
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
