@@ -7,8 +7,9 @@ calls the same instance. A scheme answers three questions and overrides only wha
 * ``embed(x, positions)``: add something to the token embeddings (absolute schemes);
 * ``rotate(q, k, positions)``: rotate queries and keys (RoPE);
 * ``score_bias(t_q, t_k)``: an additive bias on the attention scores, shape (H, Tq, Tk) (ALiBi);
-  ``slopes`` (a buffer, ALiBi only) and ``score_mod`` describe the same bias to kernels that never
-  materialise it.
+  ``score_mod(t_q, t_k)`` returns the same bias as a ``flex_attention`` score modification and
+  ``slopes`` (a buffer, ALiBi only) as flash-attn's ``alibi_slopes``, for kernels that never
+  materialise it. ``has_score_bias`` says whether these exist.
 
 ``positions`` is ``None`` for a plain training batch (positions ``0..T-1``) or a LongTensor of
 shape (T,) or (B, T) of absolute positions (KV-cache decoding, left-padded batches). Queries are
@@ -20,6 +21,7 @@ Notation: B batch, T time, C d_model, H heads, D head_dim.
 """
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +55,9 @@ class PositionEncoding(nn.Module):
     def score_bias(self, t_q: int, t_k: int) -> Tensor | None:
         return None
 
-    score_mod = None  # flex_attention score modification, for schemes with a bias
+    def score_mod(self, t_q: int, t_k: int) -> Callable | None:
+        """``flex_attention`` score modification equal to ``score_bias(t_q, t_k)`` (None: no bias)."""
+        return None
 
 
 NoPosition = PositionEncoding
@@ -175,5 +179,11 @@ class ALiBi(PositionEncoding):
         j = torch.arange(t_k, device=self.slopes.device)[None, :]
         return -self.slopes[:, None, None] * (i - j).clamp(min=0)  # (H, Tq, Tk); masked part is 0
 
-    def score_mod(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return score - self.slopes[h] * (q_idx - kv_idx)
+    def score_mod(self, t_q: int, t_k: int) -> Callable:
+        """score - m_h * (i - j) with i = q_idx + (Tk - Tq), the query's absolute index."""
+        slopes, offset = self.slopes, t_k - t_q
+
+        def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return score - slopes[h] * (q_idx + offset - kv_idx)
+
+        return alibi
