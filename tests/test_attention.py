@@ -97,3 +97,14 @@ def test_flash_attn_backend_names_what_is_missing():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match=r"model\.attention\.backend='fast'"):
         component("attention", "mha", backend="fast")(d_model=32, n_heads=4)
+
+
+@pytest.mark.parametrize("t_q,t_k", [(6, 6), (2, 9)])
+def test_alibi_score_mod_equals_score_bias(t_q, t_k):
+    """The flex score_mod uses the query's absolute index q_idx + Tk - Tq, like the bias."""
+    alibi = BIAS["alibi"]
+    h, i, j = torch.meshgrid(torch.arange(4), torch.arange(t_q), torch.arange(t_k), indexing="ij")
+    mod = alibi.score_mod(t_q, t_k)(torch.zeros(4, t_q, t_k), torch.zeros_like(h), h, i, j)
+    causal = j <= i + t_k - t_q
+    torch.testing.assert_close(mod[causal], alibi.score_bias(t_q, t_k)[causal])
+    assert PositionEncoding(32, 4, 64).score_mod(t_q, t_k) is None

@@ -17,8 +17,9 @@ Backends (``backend=``, chosen at construction):
   bias (ALiBi) is passed as a materialised (H, Tq, Tk) additive mask.
 * ``flex``: ``flex_attention`` compiled once per process; causality is a cached ``BlockMask`` and the
   scheme's bias a ``score_mod``, so no T x T tensor exists. It falls back to ``sdpa`` (same result)
-  for masked calls (KV-cache decoding, left padding: Tq x Tk per step is small) and, in torch 2.13,
-  for CPU calls that need a backward pass, which flex does not implement on CPU.
+  for KV-cache decoding steps and left-padded batches (Tq < Tk or a mask: a few query rows, and a
+  new shape every step that would recompile flex) and, in torch 2.13, for CPU calls that need a
+  backward pass, which flex does not implement on CPU.
 * ``flash_attn``: the ``flash-attn`` package (CUDA, fp16/bf16), which takes ALiBi slopes and
   grouped K/V natively; falls back to ``sdpa`` for masked calls and for float32 inputs.
 
@@ -62,9 +63,10 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
                    mask: Tensor | None) -> tuple[Tensor, None]:
     """``F.scaled_dot_product_attention``: FlashAttention / memory-efficient kernels on GPU."""
-    gqa = k.shape[1] != q.shape[1]
-    if mask is None and not position.has_score_bias and q.shape[2] == k.shape[2]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), None
+    gqa, t_q, t_k = k.shape[1] != q.shape[1], q.shape[2], k.shape[2]
+    if mask is None and not position.has_score_bias and t_q in (1, t_k):
+        # one query (a decoding step) sees every key; Tq == Tk is sdpa's own causal alignment
+        return F.scaled_dot_product_attention(q, k, v, is_causal=t_q > 1, enable_gqa=gqa), None
     attn_mask = _bias_and_mask(position, mask, q.shape[2], k.shape[2], q.device, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa), None
 
@@ -93,7 +95,7 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
     """FlexAttention: causal block mask plus the scheme's ``score_mod``, no T x T bias in memory."""
     cpu_backward = q.device.type == "cpu" and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad)
-    if mask is not None or cpu_backward:  # see the module docstring
+    if mask is not None or q.shape[2] != k.shape[2] or cpu_backward:  # see the module docstring
         return sdpa_attention(q, k, v, position, mask)
     if q.device.type == "cpu":  # flex on CPU refuses inputs that require grad, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
