@@ -70,8 +70,11 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=None)
     ap.add_argument("--batch", type=int, default=None, help="default: 1 on CPU, 8 on CUDA")
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy CPU)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     lengths = args.lengths or ([1024, 2048, 4096] if cuda else [256, 1024])

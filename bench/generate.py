@@ -26,8 +26,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--backend", default="sdpa", help="model.attention.backend")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy CPU)")
     ap.add_argument("--quick", action="store_true", help="64 new tokens")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     new = 64 if args.quick else args.new
     with initialize_config_dir(str(CONFIGS), version_base=None):
         cfg = compose("train", overrides=["model=llama", "model/attention=mha", "data=synthetic",
@@ -37,21 +40,24 @@ def main() -> None:
     model = build_model(cfg.model).to(args.device).eval()
     prompt = [torch.randint(0, 4096, (args.prompt,)).tolist()]
     generate(model, prompt, 4, temperature=0)  # warm-up
-    seconds, tokens = {}, {}
+    wall, cpu, tokens = {}, {}, {}
     for use_cache in (True, False):
         if args.device == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         tokens[use_cache] = generate(model, prompt, new, temperature=0, use_cache=use_cache)
         if args.device == "cuda":
             torch.cuda.synchronize()
-        seconds[use_cache] = time.perf_counter() - t
+        wall[use_cache], cpu[use_cache] = time.perf_counter() - t, time.process_time() - c
     assert tokens[True] == tokens[False], "cached and recomputed greedy tokens differ"
-    speedup = seconds[False] / seconds[True]
-    print(f"{model.num_params() / 1e6:.1f}M params, {args.device}, prompt {args.prompt}, {new} new "
-          f"tokens, batch 1: KV cache {seconds[True]:.2f} s ({new / seconds[True]:.0f} tok/s), "
-          f"recompute {seconds[False]:.2f} s ({new / seconds[False]:.0f} tok/s): "
-          f"{speedup:.1f}x faster, identical greedy tokens")
+    print(f"{model.num_params() / 1e6:.1f}M params, {args.device}, {torch.get_num_threads()} threads, "
+          f"prompt {args.prompt}, {new} new tokens, batch 1, identical greedy tokens")
+    for name, t in [("wall", wall), ("process CPU", cpu)]:
+        print(f"  {name:>11} time: KV cache {t[True]:6.2f} s ({new / t[True]:5.0f} tok/s), recompute "
+              f"{t[False]:6.2f} s ({new / t[False]:5.0f} tok/s): {t[False] / t[True]:.1f}x faster")
+    # the goal is checked on wall time on CUDA, on process CPU time on a CPU that other jobs share
+    speedup = (wall if args.device == "cuda" else cpu)
+    speedup = speedup[False] / speedup[True]
     assert speedup >= 5, f"KV cache only {speedup:.1f}x faster than recomputation (goal 5x)"
 
 

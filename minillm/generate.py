@@ -60,7 +60,7 @@ def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tens
     return ids, pad
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              seed: int | None = None, use_cache: bool = True,
