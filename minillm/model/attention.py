@@ -65,8 +65,11 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
     """``F.scaled_dot_product_attention``: FlashAttention / memory-efficient kernels on GPU."""
     gqa, t_q, t_k = k.shape[1] != q.shape[1], q.shape[2], k.shape[2]
     if mask is None and not position.has_score_bias and t_q in (1, t_k):
-        # one query (a decoding step) sees every key; Tq == Tk is sdpa's own causal alignment
-        return F.scaled_dot_product_attention(q, k, v, is_causal=t_q > 1, enable_gqa=gqa), None
+        # one query (a decoding step) sees every key; Tq == Tk is sdpa's own causal alignment.
+        # Two calls, not is_causal=t_q > 1: under torch.compile with dynamic shapes that is a SymBool
+        if t_q == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), None
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), None
     attn_mask = _bias_and_mask(position, mask, q.shape[2], k.shape[2], q.device, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa), None
 
