@@ -43,9 +43,9 @@ def test_greedy_tokens_same_with_and_without_cache(attention, position):
 def test_batched_left_padded_decoding_equals_per_row(position):
     model = tiny_model("gqa", position)
     prompts = [[5], [7, 8, 9, 10, 11, 12], [3, 4, 5]]
-    batched = generate(model, prompts, 10, temperature=0)
-    assert batched == [generate(model, [p], 10, temperature=0)[0] for p in prompts]
-    assert batched == generate(model, prompts, 10, temperature=0, use_cache=False)
+    batched = generate(model, prompts, 6, temperature=0)
+    assert batched == [generate(model, [p], 6, temperature=0)[0] for p in prompts]
+    assert batched == generate(model, prompts, 6, temperature=0, use_cache=False)
 
 
 def test_batched_padded_logits_equal_per_row_logits():
@@ -115,8 +115,8 @@ def test_extrapolation_runs_past_the_context_without_sliding(position):
 
 def test_sliding_window_same_with_and_without_cache():
     model = tiny_model("gqa", "rope")
-    assert generate(model, [[1, 2, 3]], 50, temperature=0) == \
-        generate(model, [[1, 2, 3]], 50, temperature=0, use_cache=False)
+    assert generate(model, [[1, 2, 3]], 40, temperature=0) == \
+        generate(model, [[1, 2, 3]], 40, temperature=0, use_cache=False)  # slides once, at 33
 
 
 def test_package_entry_point_is_generate():

@@ -103,7 +103,10 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
     if q.device.type == "cpu":  # flex on CPU refuses inputs that require grad, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     t_q, t_k = q.shape[2], k.shape[2]
-    y = _compiled_flex()(q, k, v, score_mod=position.score_mod(t_q, t_k),
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+    # inside a compiled model the outer compile traces flex itself; in eager use our compiled copy
+    flex = torch_flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    y = flex(q, k, v, score_mod=position.score_mod(t_q, t_k),
                          block_mask=_causal_block_mask(t_q, t_k, str(q.device)),
                          enable_gqa=k.shape[1] != q.shape[1])
     return y, None
