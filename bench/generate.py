@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--backend", default="sdpa", help="model.attention.backend")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy CPU)")
-    ap.add_argument("--quick", action="store_true", help="64 new tokens")
+    ap.add_argument("--quick", action="store_true", help="64 new tokens, no 5x check")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +58,7 @@ def main() -> None:
     # the goal is checked on wall time on CUDA, on process CPU time on a CPU that other jobs share
     speedup = (wall if args.device == "cuda" else cpu)
     speedup = speedup[False] / speedup[True]
-    assert speedup >= 5, f"KV cache only {speedup:.1f}x faster than recomputation (goal 5x)"
+    assert args.quick or speedup >= 5, f"KV cache only {speedup:.1f}x faster than recomputation (goal 5x)"
 
 
 if __name__ == "__main__":
