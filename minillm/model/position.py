@@ -131,15 +131,22 @@ class RoPE(PositionEncoding):
         self.head_dim, self.theta = head_dim, theta
         self.pos_scale = 1.0 / factor if scaling == "linear" else 1.0
         inv_freq = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", torch.cat((inv_freq, inv_freq)), persistent=False)  # (D,)
+        # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated), exactly; one op
+        # per tensor instead of three matters in KV-cache decoding, where each op is tiny
+        self.register_buffer("sign", torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2))),
+                             persistent=False)
         cos, sin = self._cos_sin(torch.arange(max_seq_len))
         self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)  # signed, see above
 
     def _cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        angles = positions.float()[..., None] * self.pos_scale * self.inv_freq.to(positions.device)
-        angles = torch.cat((angles, angles), dim=-1)  # (..., D) halves layout
-        return angles.cos(), angles.sin()
+        """cos and signed sin (..., D) of the angles in the halves layout."""
+        p = positions.float()
+        if self.pos_scale != 1.0:
+            p = p * self.pos_scale
+        angles = p[..., None] * self.inv_freq  # (..., D)
+        return angles.cos(), angles.sin() * self.sign
 
     def rotate(self, q: Tensor, k: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t = q.shape[2]  # q, k: (B, H, T, D)
@@ -150,7 +157,8 @@ class RoPE(PositionEncoding):
             if cos.dim() == 3:
                 cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        half = self.head_dim // 2
+        return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
