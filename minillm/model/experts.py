@@ -5,6 +5,7 @@ returns the expert outputs in the same order. Two interchangeable kernels, picke
 
 * ``grouped``: one ``torch._grouped_mm`` per projection over all experts (fused on Hopper; a
   per-group loop inside ATen elsewhere). It needs no host sync: offsets stay on the device.
+  ``auto`` picks it when torch has it and both widths are multiples of 8 (16-byte rows).
 * ``sorted``: a Python loop over contiguous slices, one matmul per expert; one host sync per
   layer to read the split sizes.
 
@@ -29,11 +30,14 @@ class Experts(nn.Module):
         super().__init__()
         if dispatch not in DISPATCH:
             raise ValueError(f"model.ffn.dispatch={dispatch!r} is not one of {list(DISPATCH)}")
-        if dispatch == "grouped" and not HAS_GROUPED_MM:
-            raise ValueError(f"model.ffn.dispatch='grouped' needs torch._grouped_mm, missing in "
-                             f"torch {torch.__version__}; use 'sorted' or 'auto'")
+        # _grouped_mm wants 16-byte aligned rows: widths that are multiples of 8 suit every dtype.
+        aligned = d_model % 8 == 0 and d_expert % 8 == 0
+        if dispatch == "grouped" and not (HAS_GROUPED_MM and aligned):
+            raise ValueError(f"model.ffn.dispatch='grouped' needs torch._grouped_mm (torch "
+                             f"{torch.__version__}: {HAS_GROUPED_MM}) and d_model={d_model}, "
+                             f"d_expert={d_expert} multiples of 8; use 'sorted' or 'auto'")
         if dispatch == "auto":
-            dispatch = "grouped" if HAS_GROUPED_MM else "sorted"
+            dispatch = "grouped" if HAS_GROUPED_MM and aligned else "sorted"
         self.dispatch = dispatch
         self.run = self._grouped if dispatch == "grouped" else self._sorted
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_expert))  # gate, up fused

@@ -66,14 +66,13 @@ class TopKRouter(nn.Module):
                              "(0 disables auxiliary-loss-free balancing)")
         self.top_k, self.jitter, self.bias_update_rate = top_k, jitter, bias_update_rate
         self.proj = nn.Linear(d_model, n_experts, bias=False)
-        self.score = GATES[gate]
+        self.gate, self.score = gate, GATES[gate]
         # Sigmoid scores are independent per expert; normalise them for the loss and entropy.
         self.to_probs = (lambda s: s) if gate == "softmax" else (lambda s: s / s.sum(-1, keepdim=True))
         self.renormalize = renormalize
-        self.expert_bias: Tensor | None = None
-        if bias_update_rate > 0:
-            self.register_buffer("expert_bias", torch.zeros(n_experts))
-            self.register_buffer("load", torch.zeros(n_experts), persistent=False)
+        on = bias_update_rate > 0  # the bias is a persistent buffer; the load since the last step is not
+        self.register_buffer("expert_bias", torch.zeros(n_experts) if on else None)
+        self.register_buffer("load", torch.zeros(n_experts) if on else None, persistent=False)
 
     def forward(self, x: Tensor) -> Routing:
         if self.training and self.jitter:  # Switch: multiplicative input noise while training

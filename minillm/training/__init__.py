@@ -1,0 +1,1 @@
+"""Training: the LightningModule, the learning-rate schedule, callbacks and the run assembly."""
