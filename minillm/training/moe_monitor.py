@@ -1,6 +1,6 @@
 """Observe Mixture-of-Experts routing: per-layer metrics to the run's loggers and an expert-load heatmap.
 
-``MoEMonitor`` logs, every ``log_every_n_steps`` optimizer steps, for each MoE layer i (the i-th
+``MoEMonitor`` logs, on every ``log_every_n_steps``-th optimizer step, for each MoE layer i (the i-th
 MoE layer of the model): ``moe/layer{i}/imbalance`` (max/mean tokens per expert), ``entropy``
 (mean routing entropy, nats), ``dropped`` (assignments over capacity), ``balance_loss`` and
 ``z_loss`` (unweighted) of the latest forward, and ``tokens_e{j}`` (tokens routed to expert j).
@@ -78,7 +78,10 @@ class MoEMonitor(L.Callback):
         self.steps: list[int] = []
         self.history: list[Tensor] = []  # (L, E) tokens per expert summed since the previous log
         self._load: Tensor | None = None
-        self._logged_step = -1
+        self._step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step  # also right after resuming from a checkpoint
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -88,9 +91,11 @@ class MoEMonitor(L.Callback):
         load = torch.stack([m.stats["tokens_per_expert"] for m in layers])  # (L, E), on device
         self._load = load if self._load is None else self._load + load
         step = trainer.global_step
-        if step % self.every or step == self._logged_step:
+        if step == self._step:  # no optimizer step ended with this batch (gradient accumulation)
             return
-        self._logged_step = step
+        self._step = step
+        if step % self.every:
+            return
         scalars = torch.stack([torch.stack([m.stats[k] for k in SCALARS]) for m in layers])  # (L, S)
         host = torch.cat([scalars, load, self._load], dim=1).cpu()  # the one host transfer
         scalars, latest, summed = host.split([len(SCALARS), load.shape[1], load.shape[1]], dim=1)
