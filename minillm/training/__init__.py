@@ -1,1 +1,1 @@
-"""Training: the LightningModule, the learning-rate schedule, callbacks and the run assembly."""
+"""Training: the LightningModule, callbacks and throughput accounting."""
