@@ -2,6 +2,7 @@
 formulas and Hugging Face, aux-free balancing, capacity, checkpoint state, the training callbacks."""
 
 import io
+import itertools
 import math
 
 import pytest
@@ -32,8 +33,10 @@ def swiglu(x, w_gate_up, w_down):
     return (F.silu(gate) * up) @ w_down
 
 
-def reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def reference(moe: MoE, x3: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Token by token: score, choose by biased score, gate by unbiased score, honour capacity."""
+    b, t_len = x3.shape[:2]
+    x = x3.reshape(-1, x3.shape[-1])
     n, k = x.shape[0], moe.top_k
     bias = moe.router.expert_bias if moe.router.expert_bias is not None else torch.zeros(moe.n_experts)
     choices = []
@@ -45,12 +48,12 @@ def reference(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         choices.append((chosen, gates / gates.sum() if moe.router.renormalize else gates))
     cap = math.inf if moe.capacity_factor is None else math.ceil(moe.capacity_factor * n * k / moe.n_experts)
     kept, used, dropped = {}, [0] * moe.n_experts, 0
-    for j in range(k):  # priority: every token's first choice, then second choices
-        for t in range(n):
-            e = choices[t][0][j]
-            kept[t, j] = used[e] < cap
-            used[e] += 1
-            dropped += not kept[t, j]
+    for p, i, j in itertools.product(range(t_len), range(b), range(k)):  # position, sequence, choice
+        t = i * t_len + p
+        e = choices[t][0][j]
+        kept[t, j] = used[e] < cap
+        used[e] += 1
+        dropped += not kept[t, j]
     out = torch.zeros_like(x)
     for t in range(n):
         for j, (e, g) in enumerate(zip(*choices[t])):
@@ -68,10 +71,10 @@ def test_output_matches_per_token_reference(routing, kernel):
     moe = MoE(C, E, d_expert=F_, dispatch=kernel, **opts).eval()
     if moe.router.expert_bias is not None:  # a bias large enough to change choices
         moe.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
-    x = torch.randn(2, 12, C)
+    x = torch.randn(3, 8, C)
     with torch.no_grad():
         out = moe(x)
-        ref, dropped = reference(moe, x.view(-1, C))
+        ref, dropped = reference(moe, x)
     torch.testing.assert_close(out.view(-1, C), ref, atol=1e-5, rtol=1e-4)
     assert moe.stats["dropped"].item() == dropped
     if routing == "capacity":
@@ -198,6 +201,17 @@ def test_capacity_drops_exactly_the_overflow():
     cap = math.ceil(1.0 * 64 * K / E)
     load = moe.stats["tokens_per_expert"]
     assert moe.stats["dropped"].item() == (load - cap).clamp(min=0).sum().item() > 0
+
+
+def test_capacity_routing_is_causal():
+    moe = MoE(C, E, top_k=K, d_expert=F_, capacity_factor=0.5)
+    x = torch.randn(3, 10, C)
+    changed = x.clone()
+    changed[:, 6:] = torch.randn(3, 4, C)  # new later tokens compete for the same capacity
+    with torch.no_grad():
+        before, after = moe(x), moe(changed)
+    assert moe.stats["dropped"] > 0
+    torch.testing.assert_close(before[:, :6], after[:, :6], rtol=0, atol=0)
 
 
 def test_state_dict_round_trip_keeps_bias():

@@ -4,9 +4,11 @@ Token-choice top-k routing (``router.py``) over routed SwiGLU experts (``experts
 optional always-active shared experts (DeepSeekMoE, Dai et al. 2024) and fine-grained experts
 (``d_expert`` set independently of ``d_model``). Dropless by default: tokens are sorted by expert
 and each expert runs on one contiguous slice (``dispatch``). With ``capacity_factor`` each expert
-takes at most ``ceil(capacity_factor * N * K / E)`` assignments, first choices before second
-choices and earlier tokens first (GShard's priority); the overflow is dropped (its gate is zeroed,
-the token keeps its residual) and counted in ``stats["dropped"]``.
+takes at most ``ceil(capacity_factor * N * K / E)`` assignments of the batch; earlier positions
+have priority (then earlier sequences, then a token's better choices), so routing never depends on
+later positions and the layer stays causal (GShard's "first choices first" would not be). The
+overflow is dropped (its gate is zeroed, the token keeps its residual) and counted in
+``stats["dropped"]``.
 
 Auxiliary losses (the ``model/ffn`` contract in ``ffn.py``), present only when their coefficient
 is non-zero: ``aux_losses["load_balance"] = aux_loss_coef * balance_loss`` (Mixtral's form for this
@@ -76,13 +78,15 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))  # (E,) on device: no host sync
         self.router.record_load(counts)
-        out, dropped = self.combine(x, r, flat, counts)
+        batch = shape[0] if len(shape) == 3 else 1  # B of (B, T, C): capacity priority is by position
+        out, dropped = self.combine(x, r, flat, counts, batch)
         if self.shared is not None:
             out = out + self.shared(x)
         self._losses_and_stats(r, counts, dropped)
         return out.view(shape)
 
-    def _dropless(self, x: Tensor, r: Routing, flat: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    def _dropless(self, x: Tensor, r: Routing, flat: Tensor, counts: Tensor,
+                  batch: int) -> tuple[Tensor, Tensor]:
         order = flat.argsort(stable=True)  # (N*K,) assignments grouped by expert
         y = self.experts(x[order // self.top_k], counts)  # (N*K, C) in expert order
         out = torch.empty_like(y)
@@ -90,23 +94,25 @@ class MoE(nn.Module):
         out = out.view(-1, self.top_k, x.shape[-1]) * r.gates.to(y.dtype)[..., None]  # (N, K, C)
         return out.sum(dim=1), torch.zeros((), dtype=torch.long, device=x.device)
 
-    def _capacity(self, x: Tensor, r: Routing, flat: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        n, c, e = x.shape[0], x.shape[-1], self.n_experts
-        cap = math.ceil(self.capacity_factor * n * self.top_k / e)
-        slot_major = r.experts.t().flatten()  # (K*N,) priority order: all first choices first
-        order = slot_major.argsort(stable=True)
+    def _capacity(self, x: Tensor, r: Routing, flat: Tensor, counts: Tensor,
+                  batch: int) -> tuple[Tensor, Tensor]:
+        n, c, e, k = x.shape[0], x.shape[-1], self.n_experts, self.top_k
+        cap = math.ceil(self.capacity_factor * n * k / e)
+        # Priority: earlier positions first, then earlier sequences, then better choices, so that
+        # no token's routing depends on a later position (the layer stays causal).
+        prio = torch.arange(n * k, device=x.device).view(batch, -1, k).transpose(0, 1).flatten()
+        order = flat[prio].argsort(stable=True)  # priority-ordered assignments grouped by expert
         starts = counts.cumsum(0) - counts  # (E,) first sorted row of each expert
-        pos = torch.empty_like(order)
-        pos[order] = torch.arange(order.numel(), device=x.device) - starts[slot_major[order]]
-        keep = pos < cap
+        pos = torch.empty_like(flat)  # rank of each assignment within its expert's queue
+        pos[prio[order]] = torch.arange(n * k, device=x.device) - starts[flat[prio[order]]]
+        keep = pos < cap  # (N*K,) token-major, like flat
         # Row of each assignment in the (E * cap) buffer; the dropped all go to a spare last row.
-        row = torch.where(keep, slot_major * cap + pos, e * cap)  # (K*N,)
-        token = torch.arange(order.numel(), device=x.device) % n
-        buf = x.new_zeros(e * cap + 1, c).index_put((row,), x[token])
+        row = torch.where(keep, flat * cap + pos, e * cap)
+        buf = x.new_zeros(e * cap + 1, c).index_put((row,), x.repeat_interleave(k, dim=0))
         y = self.experts.padded(buf[:-1].view(e, cap, c)).view(e * cap, c)
         y = torch.cat([y, y.new_zeros(1, c)])  # the spare row reads as zero output
-        gates = (r.gates.t().flatten() * keep).to(y.dtype)  # (K*N,) dropped gates are 0
-        out = (y[row] * gates[:, None]).view(self.top_k, n, c).sum(dim=0)  # (N, C)
+        gates = (r.gates.flatten() * keep).to(y.dtype)  # (N*K,) dropped gates are 0
+        out = (y[row] * gates[:, None]).view(n, k, c).sum(dim=1)  # (N, C)
         return out, (~keep).sum()
 
     def _losses_and_stats(self, r: Routing, counts: Tensor, dropped: Tensor) -> None:
