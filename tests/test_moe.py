@@ -132,7 +132,7 @@ def test_balance_loss_matches_transformers_mixtral():
     torch.testing.assert_close(balance_loss(probs, probs.topk(2).indices, 8),
                                hf((logits,), num_experts=8, top_k=2))
     # A whole model: the per-layer loss averaged over layers = mean of HF applied layer by layer.
-    cfg = compose_cfg(["model=tiny", "model/ffn=moe", "data=synthetic", "model.ffn.aux_loss_coef=1.0"])
+    cfg = compose_cfg(["model=tiny", "model/ffn=moe", "data.vocab_size=4096", "model.ffn.aux_loss_coef=1.0"])
     model = build_model(cfg.model)
     captured = []
     for block in model.blocks:
@@ -261,7 +261,7 @@ def test_invalid_options_name_the_key():
 
 @pytest.mark.parametrize("ffn", [f for f in options("model/ffn") if f.startswith("moe")])
 def test_active_params_count_only_routed_top_k(ffn):
-    model = build_model(compose_cfg(["model=tiny", f"model/ffn={ffn}", "data=synthetic"]).model)
+    model = build_model(compose_cfg(["model=tiny", f"model/ffn={ffn}", "data.vocab_size=4096"]).model)
     bank = sum(p.numel() for b in model.blocks for p in b.ffn.experts.parameters())
     ffn0 = model.blocks[0].ffn
     expected = model.num_params() - bank * (ffn0.n_experts - ffn0.top_k) // ffn0.n_experts
@@ -269,8 +269,8 @@ def test_active_params_count_only_routed_top_k(ffn):
 
 
 def test_dense_twin_matches_moe_active_params():
-    moe = build_model(compose_cfg(["model=moe_rope", "data=synthetic"]).model)
-    dense = build_model(compose_cfg(["model=dense_rope", "data=synthetic"]).model)
+    moe = build_model(compose_cfg(["model=moe_rope", "data.vocab_size=4096"]).model)
+    dense = build_model(compose_cfg(["model=dense_rope", "data.vocab_size=4096"]).model)
     routers = sum(b.ffn.router.proj.weight.numel() for b in moe.blocks)
     assert moe.num_params(active=True) - dense.num_params() == routers
     assert routers / dense.num_params() < 0.002
@@ -283,7 +283,7 @@ def test_training_callbacks_log_update_bias_and_draw(tmp_path):
     from minillm.training.moe_balance import ExpertBiasUpdate
     from minillm.training.moe_monitor import MoEMonitor, plot_expert_load
 
-    model = build_model(compose_cfg(["model=tiny", "model/ffn=moe_auxfree", "data=synthetic",
+    model = build_model(compose_cfg(["model=tiny", "model/ffn=moe_auxfree", "data.vocab_size=256",
                                      "model.n_layers=2"]).model)
 
     class Module(L.LightningModule):  # the minimum the callbacks rely on: .model, aux losses added
@@ -302,7 +302,7 @@ def test_training_callbacks_log_update_bias_and_draw(tmp_path):
     calls = []
     layer = model.blocks[0].ffn
     layer.update_bias = lambda: calls.append(1) or MoE.update_bias(layer)
-    tokens = torch.randint(0, 4096, (24, 17))
+    tokens = torch.randint(0, 256, (24, 17))
     batches = torch.utils.data.DataLoader(tokens, batch_size=2)  # 12 micro-batches (2, 17)
     monitor = MoEMonitor(log_every_n_steps=2)
     trainer = L.Trainer(max_steps=5, accumulate_grad_batches=2, logger=CSVLogger(tmp_path, name="log"),
