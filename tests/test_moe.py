@@ -323,3 +323,9 @@ def test_training_callbacks_log_update_bias_and_draw(tmp_path):
     loads = plot_expert_load(model, [(b[:, :-1], b[:, 1:]) for b in tokens[:6].split(2)], tmp_path / "val.png")
     assert loads.shape == (3, 2, 8) and (loads.sum(dim=-1) == 2 * 16 * 2).all()
     assert (tmp_path / "val.png").stat().st_size > 0
+
+
+def test_torch_compile_matches_eager():
+    moe = MoE(C, E, top_k=K, d_expert=F_)  # grouped on CPU eager; the compiler needs a fallback
+    x = torch.randn(2, 8, C)
+    torch.testing.assert_close(torch.compile(moe, backend="eager")(x), moe(x))

@@ -5,7 +5,9 @@ returns the expert outputs in the same order. Two interchangeable kernels, picke
 
 * ``grouped``: one ``torch._grouped_mm`` per projection over all experts (fused on Hopper; a
   per-group loop inside ATen elsewhere). It needs no host sync: offsets stay on the device.
-  ``auto`` picks it when torch has it and both widths are multiples of 8 (16-byte rows).
+  ``auto`` picks it when torch has it and both widths are multiples of 8 (16-byte rows). Inputs
+  that are not bf16 (after autocast) take the sorted loop on CUDA and under ``torch.compile``,
+  whose ``_grouped_mm`` accepts bf16 only; eager CPU runs any float dtype.
 * ``sorted``: a Python loop over contiguous slices, one matmul per expert; one host sync per
   layer to read the split sizes.
 
@@ -53,6 +55,8 @@ class Experts(nn.Module):
         offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert's group
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.dtype != torch.bfloat16 and (x.device.type != "cpu" or torch.compiler.is_compiling()):
+            return self._sorted(x, counts)  # torch.compile's and CUDA's _grouped_mm take bf16 only
         w_gate_up, w_down = self.w_gate_up.to(x.dtype), self.w_down.to(x.dtype)
         gate, up = torch._grouped_mm(x, w_gate_up, offs=offs).chunk(2, dim=-1)  # (M, F) each
         return torch._grouped_mm(F.silu(gate) * up, w_down, offs=offs)  # (M, C)
