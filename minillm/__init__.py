@@ -2,4 +2,12 @@
 
 from minillm.model import KVCache, Transformer, build_model
 
-__all__ = ["KVCache", "Transformer", "build_model"]
+__all__ = ["KVCache", "LoadedCheckpoint", "Transformer", "build_model", "load_checkpoint"]
+
+
+def __getattr__(name: str):
+    # Lazy: checkpoint loading is not needed to build a model, so `import minillm` stays light.
+    if name in ("load_checkpoint", "LoadedCheckpoint"):
+        from minillm import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'minillm' has no attribute {name!r}")
