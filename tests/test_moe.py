@@ -329,3 +329,24 @@ def test_torch_compile_matches_eager():
     moe = MoE(C, E, top_k=K, d_expert=F_)  # grouped on CPU eager; the compiler needs a fallback
     x = torch.randn(2, 8, C)
     torch.testing.assert_close(torch.compile(moe, backend="eager")(x), moe(x))
+
+
+def test_train_and_eval_an_moe_run_end_to_end(tmp_path):
+    import eval as eval_script
+    import train
+    from conftest import TINY_TRAIN
+
+    run_dir = tmp_path / "run"
+    train.main(compose_cfg(TINY_TRAIN + ["model/ffn=moe_auxfree", "model.ffn.d_expert=32",
+                                         f"run_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]))
+    assert (run_dir / "expert_load.png").stat().st_size > 0  # MoEMonitor from callbacks/default.yaml
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    bias = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    bias = bias["model.blocks.0.ffn.router.expert_bias"]
+    assert 0 < bias.abs().max() <= 4 * 1e-3 + 1e-9  # ExpertBiasUpdate stepped it, once per step
+    header = next((run_dir).rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "moe/layer0/imbalance" in header
+    result = eval_script.main(compose_cfg([f"ckpt_path={ckpt}", "mode=experts", "expert_batches=2",
+                                           "batch_size=2"], "eval"))
+    assert len(result["imbalance"]) == 1 and result["imbalance"][0] >= 1.0
+    assert (ckpt.parent / "expert_load.png").stat().st_size > 0

@@ -8,12 +8,14 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
+from minillm.evaluation.experts import expert_load
 from minillm.evaluation.loss import evaluate_loss
 from minillm.evaluation.sample import sample
 
 MODES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "loss": evaluate_loss,
     "sample": sample,
+    "experts": expert_load,
 }
 
 
