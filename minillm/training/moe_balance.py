@@ -20,14 +20,16 @@ class ExpertBiasUpdate(L.Callback):
 
     def __init__(self) -> None:
         self._step: int | None = None
+        self._layers: list[MoE] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._layers = [m for m in moe_layers(pl_module) if m.router.expert_bias is not None]
         self._step = trainer.global_step  # also right after resuming from a checkpoint
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if trainer.global_step == self._step:  # no optimizer step happened on this batch
+        if not self._layers or trainer.global_step == self._step:  # no optimizer step on this batch
             return
         self._step = trainer.global_step
-        for layer in moe_layers(pl_module):
+        for layer in self._layers:
             layer.update_bias()

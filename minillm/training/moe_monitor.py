@@ -78,14 +78,16 @@ class MoEMonitor(L.Callback):
         self.steps: list[int] = []
         self.history: list[Tensor] = []  # (L, E) tokens per expert summed since the previous log
         self._load: Tensor | None = None
+        self._layers: list = []
         self._step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._layers = moe_layers(pl_module)
         self._step = trainer.global_step  # also right after resuming from a checkpoint
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        layers = moe_layers(pl_module)
+        layers = self._layers
         if not layers:
             return
         load = torch.stack([m.stats["tokens_per_expert"] for m in layers])  # (L, E), on device
