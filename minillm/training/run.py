@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from minillm.model import build_model
 from minillm.training.checkpoint_io import AtomicCheckpointIO
 from minillm.training.module import LanguageModel
+from minillm.training.sweep import wandb_grouping
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -81,12 +82,13 @@ def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 
 
 def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
-    """Instantiate each configured logger; W&B goes offline unless the user is logged in."""
+    """Instantiate each configured logger; W&B goes offline unless the user is logged in, and groups
+    the runs of a sweep (``minillm.training.sweep.wandb_grouping``)."""
     logger_cfg = logger_cfg or {}
     if any("WandbLogger" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
             "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
-    return [instantiate(c) for c in logger_cfg.values()]
+    return [instantiate(c, **wandb_grouping(c)) for c in logger_cfg.values()]
 
 
 def _finish_wandb(loggers: list[Any]) -> None:
