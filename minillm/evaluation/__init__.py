@@ -9,6 +9,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from minillm.evaluation.attention import attention
+from minillm.evaluation.experts import expert_load
 from minillm.evaluation.extrapolate import extrapolate_mode
 from minillm.evaluation.loss import evaluate_loss
 from minillm.evaluation.report import report
@@ -20,6 +21,7 @@ MODES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "report": report,
     "extrapolate": extrapolate_mode,
     "attention": attention,
+    "experts": expert_load,
 }
 
 
