@@ -1,0 +1,101 @@
+"""Autoregressive sampling with a KV cache.
+
+``generate`` decodes a batch of prompts of different lengths (left-padded; see ``model/cache.py``)
+with temperature, top-k and top-p sampling, stopping rows at ``eos_id``. With ``use_cache=False``
+it recomputes the whole window for every token, which gives the same logits (the reference the
+cache is tested against) at O(T^2) cost.
+
+Context window: a prompt longer than ``model.max_seq_len`` keeps its last ``max_seq_len`` tokens
+(a warning says so). When prompt plus generated tokens fill the window, the oldest tokens are
+dropped so that the last ``max_seq_len // 2`` remain and decoding continues, the cache rebuilt from
+them; both paths follow this rule, so they stay identical.
+"""
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from minillm.model.cache import KVCache
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Set to -inf every logit outside the top ``top_k`` and outside the nucleus of mass ``top_p``."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already >= p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> Tensor:
+    """One token id per row from logits (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, T) ids left-padded with 0 and the (B,) count of padding per row."""
+    t = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (t - len(r)) + r for r in rows], device=device)
+    pad = torch.tensor([t - len(r) for r in rows], device=device)
+    return ids, pad
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             seed: int | None = None, use_cache: bool = True,
+             stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (the prompt excluded; a row ends after ``eos_id``)."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (start from the <|endoftext|> id)")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    window = model.max_seq_len
+    if any(len(p) > window for p in prompt_ids):
+        warnings.warn(f"prompt longer than the context (model.max_seq_len={window}): "
+                      f"keeping its last {window} tokens")
+        prompt_ids = [p[-window:] for p in prompt_ids]
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ids, pad = _left_pad(prompt_ids, device)
+    B = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache, fresh = None, ids  # ``fresh``: tokens not yet in the cache
+    for _ in range(max_new_tokens):
+        if ids.shape[1] > window:  # slide: keep the last half window, rebuild the cache
+            keep = window // 2
+            pad = (pad - (ids.shape[1] - keep)).clamp(min=0)
+            ids, cache, fresh = ids[:, -keep:], None, ids[:, -keep:]
+        if use_cache:
+            if cache is None:
+                cache, fresh = KVCache.for_model(model, B, window, pad), ids
+            logits = model(fresh, cache)[:, -1]
+        else:
+            logits = model(ids, KVCache.for_model(model, B, ids.shape[1], pad))[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            nxt = nxt.masked_fill(done, eos_id)
+        for b, tok in enumerate(nxt.tolist()):
+            if not done[b]:
+                out[b].append(tok)
+                if stream is not None:
+                    stream(b, tok)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        ids, fresh = torch.cat([ids, nxt[:, None]], dim=1), nxt[:, None]
+    return out

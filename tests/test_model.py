@@ -1,0 +1,199 @@
+"""Model properties for every component combination, discovered from the config folders."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.errors import ConfigCompositionException
+
+from minillm import build_model
+from minillm.model.attention import Attention
+from minillm.model.position import ALiBi, PositionEncoding, RoPE, Sinusoidal, alibi_slopes
+from tests.conftest import compose_cfg, options
+
+VOCAB = 97
+SMALL = ["model=tiny", f"data.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2",
+         "model.n_heads=4", "model.max_seq_len=32"]
+COMBOS = list(itertools.product(options("model/attention"), options("model/position"),
+                                options("model/ffn")))
+
+
+def small_model(*overrides: str):
+    torch.manual_seed(0)
+    return build_model(compose_cfg([*SMALL, *overrides]).model)
+
+
+@pytest.mark.parametrize("attention,position,ffn", COMBOS)
+def test_combination_is_causal_trainable_and_starts_near_uniform(attention, position, ffn):
+    model = small_model(f"model/attention={attention}", f"model/position={position}",
+                        f"model/ffn={ffn}")
+    idx = torch.randint(0, VOCAB, (2, 24))
+
+    # Causality: changing token t leaves the logits before t unchanged, and changes later ones.
+    t = 13
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    torch.testing.assert_close(before[:, :t], after[:, :t], rtol=0, atol=1e-5)
+    assert (before[:, t:] - after[:, t:]).abs().max() > 1e-4
+
+    # Loss at init is close to ln(V): the model starts near uniform.
+    logits = model(idx[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+    aux = sum(model.aux_losses().values(), torch.zeros(()))
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(VOCAB)) < 0.3
+    (loss + aux).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("preset", options("model"))
+def test_every_preset_composes_and_instantiates(preset):
+    cfg = compose_cfg([f"model={preset}", "data.vocab_size=4096"])
+    model = build_model(cfg.model)
+    assert model.num_params() >= model.num_params(active=True) > 0
+    with torch.no_grad():
+        assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 4096)
+
+
+POSITIONS = {
+    "none": lambda: PositionEncoding(64, 8, 64),
+    "sinusoidal": lambda: Sinusoidal(64, 8, 64),
+    "rope": lambda: RoPE(64, 8, 64),
+    "alibi": lambda: ALiBi(64, 8, 64),
+}
+
+
+def attention_pair(n_kv_heads: int, backend: str = "sdpa") -> tuple[Attention, Attention]:
+    ref = Attention(64, 8, n_kv_heads, backend="math")
+    other = Attention(64, 8, n_kv_heads, backend=backend)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+@pytest.mark.parametrize("position", sorted(POSITIONS))
+@pytest.mark.parametrize("n_kv_heads", [8, 2, 1])
+def test_sdpa_matches_math_forward_and_backward(position, n_kv_heads):
+    pos = POSITIONS[position]()
+    ref, fast = attention_pair(n_kv_heads)
+    x = torch.randn(2, 20, 64, requires_grad=True)
+    y_ref = ref(x, pos)
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    y = fast(x, pos)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    """GQA is MHA whose query heads in a group share one K/V head: h reads kv head h // G."""
+    H, Hkv, D, C = 8, 2, 8, 64
+    gqa = Attention(C, H, Hkv, backend="math")
+    mha = Attention(C, H, H, backend="math")
+    wq, wk, wv = gqa.qkv.weight.split([H * D, Hkv * D, Hkv * D])
+    repeat = lambda w: w.view(Hkv, 1, D, C).expand(Hkv, H // Hkv, D, C).reshape(H * D, C)
+    with torch.no_grad():
+        mha.qkv.weight.copy_(torch.cat([wq, repeat(wk), repeat(wv)]))
+        mha.proj.weight.copy_(gqa.proj.weight)
+    x, pos = torch.randn(2, 10, C), RoPE(C, H, 32)
+    torch.testing.assert_close(gqa(x, pos), mha(x, pos), rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_with_as_many_kv_heads_as_query_heads_is_mha():
+    mha = Attention(64, 8, None)
+    gqa = Attention(64, 8, 8)
+    gqa.load_state_dict(mha.state_dict())
+    x = torch.randn(1, 6, 64)
+    torch.testing.assert_close(gqa(x, PositionEncoding(64, 8, 8)), mha(x, PositionEncoding(64, 8, 8)))
+
+
+def test_rope_score_depends_only_on_offset():
+    rope = RoPE(64, 4, 128)
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        qm, _ = rope.rotate(q, q, torch.tensor([m]))
+        _, kn = rope.rotate(k, k, torch.tensor([n]))
+        return (qm * kn).sum(-1)
+
+    torch.testing.assert_close(score(5, 2), score(105, 102), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(score(40, 40), score(0, 0), rtol=1e-4, atol=1e-5)
+    assert (score(5, 2) - score(5, 3)).abs().max() > 1e-3  # but it does depend on the offset
+    # Rotation preserves norms (it is a rotation).
+    qr, _ = rope.rotate(q, q, torch.tensor([77]))
+    torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
+
+
+def reference_alibi_slopes(n: int) -> list[float]:
+    """The construction of the ALiBi reference code (Press et al., ``get_slopes``)."""
+    def power_of_2(n):
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        return [start * start ** i for i in range(n)]
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_2(closest) + reference_alibi_slopes(2 * closest)[0::2][: n - closest]
+
+
+def test_alibi_slopes_match_paper_and_reference():
+    assert alibi_slopes(8) == pytest.approx([2 ** -(i + 1) for i in range(8)])
+    for n in (6, 12, 16, 5):
+        assert alibi_slopes(n) == pytest.approx(reference_alibi_slopes(n))
+    assert alibi_slopes(6) == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+    alibi = ALiBi(32, 4, 16)
+    bias = alibi.score_bias(3, 5)  # queries are the last 3 of 5 positions: i = 2, 3, 4
+    m = torch.tensor(alibi_slopes(4))
+    for i in range(3):
+        for j in range(5):
+            expected = -m * (i + 2 - j) if j <= i + 2 else torch.zeros(4)
+            torch.testing.assert_close(bias[:, i, j], expected)
+
+
+def test_sinusoidal_matches_formula():
+    d = 16
+    pe = Sinusoidal(d, 2, 50).embed(torch.zeros(1, 50, d))[0]
+    for p in (0, 1, 7, 49):
+        for i in range(d // 2):
+            angle = p / 10000 ** (2 * i / d)
+            assert pe[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
+            assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
+    # Beyond the precomputed table the formula still holds.
+    far = Sinusoidal(d, 2, 8).embed(torch.zeros(1, 50, d))[0]
+    torch.testing.assert_close(far, pe, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model.n_heads=5"], "model.n_heads"),
+    (["model/attention=gqa", "model.attention.n_kv_heads=3"], "model.attention.n_kv_heads"),
+    (["model/ffn=moe", "model.ffn.top_k=9"], "model.ffn.top_k"),
+    (["model/position=rope", "model.d_model=36", "model.n_heads=4"], "model.position=rope"),
+    (["model.attention.backend=fast"], "model.attention.backend"),
+    (["model.d_model=0"], "model.d_model"),
+])
+def test_impossible_settings_fail_at_construction_naming_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        small_model(*overrides)
+
+
+def test_unknown_component_lists_the_valid_choices():
+    with pytest.raises(ConfigCompositionException, match="rope"):
+        compose_cfg(["model/position=rotary"])
+
+
+def test_sequence_longer_than_learned_table_fails_clearly():
+    model = small_model("model/position=learned")
+    with pytest.raises(ValueError, match="model.max_seq_len=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = small_model()
+    assert model.lm_head.weight is model.tok_emb.weight
+    untied = small_model("model.tie_embeddings=false")
+    assert untied.num_params() == model.num_params() + VOCAB * 32
