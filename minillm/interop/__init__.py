@@ -72,7 +72,8 @@ def hf_model_config(folder: str | Path) -> dict[str, Any]:
     """The minillm ``model`` config (a dict for ``build_model``) of a Hugging Face model folder."""
     folder = Path(folder)
     hf = read_config(folder)
-    return _import_family(hf).minillm_config(hf, read_weights(folder))
+    family = _import_family(hf)
+    return family.minillm_config(hf, read_weights(folder))
 
 
 def from_hf(folder: str | Path, dtype: torch.dtype = torch.float32
@@ -83,8 +84,9 @@ def from_hf(folder: str | Path, dtype: torch.dtype = torch.float32
     checkpoint. Dropout is a training choice and is not imported (set ``model.dropout``).
     """
     folder = Path(folder)
-    hf, weights = read_config(folder), read_weights(folder)
+    hf = read_config(folder)
     family = _import_family(hf)
+    weights = read_weights(folder)
     model = build_model(family.minillm_config(hf, weights))
     state = family.minillm_weights(weights, hf)
     if model.lm_head.weight is model.tok_emb.weight:  # tied: the embedding is the head

@@ -39,11 +39,12 @@ def norms(model: Transformer) -> list[nn.Module]:
     return [n for b in model.blocks for n in (b.attn_norm, b.ffn_norm)] + [model.norm]
 
 
-def norm_blockers(model: Transformer, cls: type, arch: str) -> list[str]:
-    """The norms must all be ``cls`` (RMSNorm or LayerNorm) with one shared eps."""
-    found = {named(n) for n in norms(model)}
-    if found != {cls.__name__}:
-        return [f"model.norm is {', '.join(sorted(found))}; {arch} uses {cls.__name__}"]
+def norm_blockers(model: Transformer, classes: tuple[type, ...], arch: str) -> list[str]:
+    """The norms must all be one of ``classes`` (an RMSNorm or a LayerNorm) with one shared eps."""
+    want = classes[0].__name__
+    found = {named(n) for n in norms(model) if not isinstance(n, classes)}
+    if found:
+        return [f"model.norm is {', '.join(sorted(found))}; {arch} uses {want}"]
     if len({norm_eps(n) for n in norms(model)}) > 1:
         return [f"the norms use different eps; {arch} has one eps for all"]
     return []
@@ -56,8 +57,8 @@ def norm_eps(norm: nn.Module) -> float:
 
 def norm_weight(norm: nn.Module) -> Tensor:
     """The norm's scale, ones when it has none (``elementwise_affine=False``)."""
-    dim = norm.normalized_shape[-1]
-    return norm.weight if norm.weight is not None else torch.ones(dim)
+    weight = getattr(norm, "weight", None)
+    return weight if weight is not None else torch.ones(norm.normalized_shape[-1])
 
 
 def bias_or_zeros(module: nn.Module, size: int) -> Tensor:

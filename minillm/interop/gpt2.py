@@ -12,7 +12,6 @@ approximation, GPT-2's ``gelu_new``.
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from minillm.interop.body import (Weights, bias_or_zeros, common_config, norm_blockers, norm_eps,
@@ -37,7 +36,7 @@ class GPT2:
         if type(model.position) is not Learned:
             out.append(f"model.position is {type(model.position).__name__}; {arch} has learned "
                        "absolute positions")
-        out += norm_blockers(model, nn.LayerNorm, arch)
+        out += norm_blockers(model, (nn.LayerNorm,), arch)
         attn, ffn = model.blocks[0].attn, model.blocks[0].ffn
         if attn.n_kv_heads != attn.n_heads:
             out.append(f"model.attention.n_kv_heads={attn.n_kv_heads} with model.n_heads="

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from minillm.interop.body import (Weights, common_config, norm_blockers, norm_eps, norm_weight,
-                                  norms, structure_blockers)
+                                  structure_blockers)
 from minillm.model.ffn import SwiGLU
 from minillm.model.moe import MoE
+from minillm.model.norm import RMSNorm
 from minillm.model.position import RoPE
 from minillm.model.transformer import Transformer
 
@@ -73,7 +74,7 @@ class Llama:
         if type(model.position) is not RoPE:
             out.append(f"model.position is {type(model.position).__name__}; {arch} encodes "
                        "positions only with RoPE")
-        out += norm_blockers(model, nn.RMSNorm, arch)
+        out += norm_blockers(model, (RMSNorm, nn.RMSNorm), arch)
         return out + self.ffn_blockers(model)
 
     def ffn_blockers(self, model: Transformer) -> list[str]:
@@ -149,7 +150,7 @@ class Llama:
                 "position": {"_target_": "minillm.model.position.RoPE", "_partial_": True,
                              **rope_from_config(hf, self.defaults["rope_theta"])},
                 "ffn": self.minillm_ffn(hf),
-                "norm": {"_target_": "torch.nn.RMSNorm", "_partial_": True, "eps": get("rms_norm_eps")}}
+                "norm": {"_target_": "minillm.model.norm.RMSNorm", "_partial_": True, "eps": get("rms_norm_eps")}}
 
     def minillm_ffn(self, hf: dict[str, Any]) -> dict[str, Any]:
         return {"_target_": "minillm.model.ffn.SwiGLU", "_partial_": True,
