@@ -105,7 +105,6 @@ REFERENCES = {
         num_key_value_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
     "mixtral": ("mixtral", {}),
-    "gpt2": ("gpt2", {}),
     "gpt2-untied": ("gpt2", dict(tie_word_embeddings=False)),
 }
 
@@ -136,13 +135,13 @@ def test_from_hf_reads_fused_mixtral_layout(transformers, tmp_path):
 
 EXPORTS = {
     "llama": (["model=llama"], "LlamaForCausalLM"),
-    "llama-mqa": (["model=llama", "model/attention=mqa"], "LlamaForCausalLM"),
+    "llama-mqa-ntk-rope": (["model=llama", "model/attention=mqa", "model.position.scaling=ntk",
+                            "model.position.factor=4.0", "model.position.theta=500.0",
+                            "model.norm.eps=1e-6"], "LlamaForCausalLM"),
     "llama-mha-bias-untied-linear-rope": (
         ["model=llama", "model/attention=mha", "model.attention.bias=true", "model.ffn.bias=true",
          "model.tie_embeddings=false", "model.position.scaling=linear", "model.position.factor=2.0"],
         "LlamaForCausalLM"),
-    "llama-ntk-rope": (["model=llama", "model.position.scaling=ntk", "model.position.factor=4.0",
-                        "model.position.theta=500.0", "model.norm.eps=1e-6"], "LlamaForCausalLM"),
     "moe_rope": (["model=moe_rope", "model.ffn.n_experts=4", "model.ffn.d_expert=48"],
                  "MixtralForCausalLM"),
     "gpt2": (["model=gpt2"], "GPT2LMHeadModel"),
