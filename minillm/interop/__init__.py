@@ -88,7 +88,7 @@ def from_hf(folder: str | Path, dtype: torch.dtype = torch.float32
     family = _import_family(hf)
     weights = read_weights(folder)
     model = build_model(family.minillm_config(hf, weights))
-    state = family.minillm_weights(weights, hf)
+    state = family.minillm_weights(weights, hf, model)
     if model.lm_head.weight is model.tok_emb.weight:  # tied: the embedding is the head
         state["lm_head.weight"] = state["tok_emb.weight"]
     own = model.state_dict()

@@ -101,8 +101,9 @@ class GPT2:
                 "norm": {"_target_": "torch.nn.LayerNorm", "_partial_": True,
                          "eps": hf.get("layer_norm_epsilon", 1e-5)}}
 
-    def minillm_weights(self, weights: dict[str, Tensor], hf: dict[str, Any]) -> dict[str, Tensor]:
-        """minillm state dict entries from the checkpoint's tensors."""
+    def minillm_weights(self, weights: dict[str, Tensor], hf: dict[str, Any],
+                        model: Transformer) -> dict[str, Tensor]:
+        """minillm state dict entries for ``model`` (built from config.json) from the checkpoint."""
         # Old checkpoints keep the causal-mask buffers ``attn.bias`` / ``attn.masked_bias``.
         w = Weights({k.removeprefix("transformer."): v for k, v in weights.items()},
                     ignore=(".attn.bias", ".attn.masked_bias"))

@@ -7,7 +7,7 @@ layouts (minillm -> Hugging Face, per layer ``model.layers.{i}.``):
   head h // (H/Hkv) in both (HF ``repeat_kv``); RoPE uses the halves layout in both, so no
   permutation. ``attn.proj`` -> ``self_attn.o_proj``.
 * ``ffn.gate_up`` rows [gate; up] -> ``mlp.gate_proj``, ``mlp.up_proj``; ``ffn.down`` -> ``mlp.down_proj``.
-* MoE ``router`` -> ``block_sparse_moe.gate``; ``w_gate_up[e]`` (C, 2F) columns [gate | up] ->
+* MoE router weight -> ``block_sparse_moe.gate``; ``w_gate_up[e]`` (C, 2F) columns [gate | up] ->
   ``experts.{e}.w1`` (gate) and ``w3`` (up) as (F, C); ``w_down[e]`` (F, C) -> ``experts.{e}.w2``
   (C, F). This is the Hub layout that ``save_pretrained`` writes; transformers >= 5 fuses it on
   load into ``mlp.experts.gate_up_proj`` (E, 2F, C), which ``minillm_weights`` also reads.
@@ -156,8 +156,9 @@ class Llama:
         return {"_target_": "minillm.model.ffn.SwiGLU", "_partial_": True,
                 "d_hidden": hf["intermediate_size"], "bias": bool(hf.get("mlp_bias", False))}
 
-    def minillm_weights(self, weights: dict[str, Tensor], hf: dict[str, Any]) -> dict[str, Tensor]:
-        """minillm state dict entries from the checkpoint's tensors."""
+    def minillm_weights(self, weights: dict[str, Tensor], hf: dict[str, Any],
+                        model: Transformer) -> dict[str, Tensor]:
+        """minillm state dict entries for ``model`` (built from config.json) from the checkpoint."""
         w = Weights({k.replace(".block_sparse_moe.", ".mlp."): v for k, v in weights.items()},
                     ignore=("rotary_emb.inv_freq",))
         out = {"tok_emb.weight": w.take("model.embed_tokens.weight"),
@@ -173,11 +174,11 @@ class Llama:
                     out[f"{b}attn.qkv.{kind}"] = torch.cat(
                         [w.take(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"])
                     out[f"{b}attn.proj.{kind}"] = w.take(f"{p}self_attn.o_proj.{kind}")
-            out.update(self.minillm_ffn_weights(w, p, b, hf))
+            out.update(self.minillm_ffn_weights(w, p, b, model.blocks[i].ffn))
         w.done()
         return out
 
-    def minillm_ffn_weights(self, w: Weights, p: str, b: str, hf: dict[str, Any]) -> dict[str, Tensor]:
+    def minillm_ffn_weights(self, w: Weights, p: str, b: str, ffn: nn.Module) -> dict[str, Tensor]:
         out = {}
         for kind in ("weight", "bias"):
             if w.has(f"{p}mlp.down_proj.{kind}"):
@@ -198,23 +199,39 @@ class Mixtral(Llama):
         arch, ffn, attn = self.architecture, model.blocks[0].ffn, model.blocks[0].attn
         if type(ffn) is not MoE:
             return [f"model.ffn is {type(ffn).__name__}; {arch} has a Mixture-of-Experts FFN"]
-        out = []
+        router, out = ffn.router, []
         if attn.qkv.bias is not None:
             out.append(f"model.attention.bias=true; {arch} has no attention biases")
+        if getattr(ffn, "shared", None) is not None:
+            out.append(f"model.ffn.n_shared > 0 (shared experts); {arch} has routed experts only")
+        if getattr(router, "gate", "softmax") != "softmax":
+            out.append(f"model.ffn.gate={router.gate!r}; {arch} gates with a softmax")
+        if not getattr(router, "renormalize", True):
+            out.append(f"model.ffn.renormalize=false; {arch} renormalises the top-k gates")
+        if getattr(router, "expert_bias", None) is not None:
+            out.append(f"model.ffn.bias_update_rate > 0 (auxiliary-loss-free expert bias); "
+                       f"{arch} routes on the router scores alone")
+        if getattr(ffn, "capacity_factor", None) is not None:
+            out.append(f"model.ffn.capacity_factor={ffn.capacity_factor} (dropped tokens); "
+                       f"{arch} is dropless")
         return out
 
     def ffn_config(self, ffn: nn.Module, attn: nn.Module) -> dict[str, Any]:
-        return {"intermediate_size": ffn.w_down.shape[1], "num_local_experts": ffn.n_experts,
-                "num_experts_per_tok": ffn.top_k, "router_aux_loss_coef": ffn.aux_loss_coef,
-                "output_router_logits": False, "router_jitter_noise": 0.0, "sliding_window": None}
+        # Training-only options (router jitter, z-loss) do not change the function: not exported.
+        return {"intermediate_size": moe_tensors(ffn)["w_down"].shape[1],
+                "num_local_experts": ffn.n_experts, "num_experts_per_tok": ffn.top_k,
+                "router_aux_loss_coef": ffn.aux_loss_coef, "output_router_logits": False,
+                "router_jitter_noise": 0.0, "sliding_window": None}
 
     def ffn_weights(self, p: str, ffn: nn.Module) -> dict[str, Tensor]:
-        F = ffn.w_down.shape[1]
-        out = {f"{p}block_sparse_moe.gate.weight": ffn.router.weight}
+        t = moe_tensors(ffn)
+        w_gate_up, w_down = t["w_gate_up"], t["w_down"]
+        F = w_down.shape[1]
+        out = {f"{p}block_sparse_moe.gate.weight": t["router"]}
         for e in range(ffn.n_experts):
             q = f"{p}block_sparse_moe.experts.{e}."
-            out.update({q + "w1.weight": ffn.w_gate_up[e, :, :F].T, q + "w3.weight": ffn.w_gate_up[e, :, F:].T,
-                        q + "w2.weight": ffn.w_down[e].T})
+            out.update({q + "w1.weight": w_gate_up[e, :, :F].T, q + "w3.weight": w_gate_up[e, :, F:].T,
+                        q + "w2.weight": w_down[e].T})
         return out
 
     def check_config(self, hf: dict[str, Any]) -> None:
@@ -230,18 +247,33 @@ class Mixtral(Llama):
                 "d_expert": hf["intermediate_size"],
                 "aux_loss_coef": hf.get("router_aux_loss_coef", self.defaults["router_aux_loss_coef"])}
 
-    def minillm_ffn_weights(self, w: Weights, p: str, b: str, hf: dict[str, Any]) -> dict[str, Tensor]:
-        out = {f"{b}ffn.router.weight": w.take(f"{p}mlp.gate.weight")}
+    def minillm_ffn_weights(self, w: Weights, p: str, b: str, ffn: nn.Module) -> dict[str, Tensor]:
+        names = moe_names(ffn)
+        out = {b + "ffn." + names["router"]: w.take(f"{p}mlp.gate.weight")}
         if w.has(f"{p}mlp.experts.gate_up_proj"):  # transformers >= 5 fused layout
-            out[f"{b}ffn.w_gate_up"] = w.take(f"{p}mlp.experts.gate_up_proj").transpose(1, 2)
-            out[f"{b}ffn.w_down"] = w.take(f"{p}mlp.experts.down_proj").transpose(1, 2)
+            out[b + "ffn." + names["w_gate_up"]] = w.take(f"{p}mlp.experts.gate_up_proj").transpose(1, 2)
+            out[b + "ffn." + names["w_down"]] = w.take(f"{p}mlp.experts.down_proj").transpose(1, 2)
             return out
-        experts = range(hf.get("num_local_experts", 8))
         q = f"{p}mlp.experts."
-        out[f"{b}ffn.w_gate_up"] = torch.stack(
-            [torch.cat([w.take(f"{q}{e}.w1.weight"), w.take(f"{q}{e}.w3.weight")]).T for e in experts])
-        out[f"{b}ffn.w_down"] = torch.stack([w.take(f"{q}{e}.w2.weight").T for e in experts])
+        out[b + "ffn." + names["w_gate_up"]] = torch.stack(
+            [torch.cat([w.take(f"{q}{e}.w1.weight"), w.take(f"{q}{e}.w3.weight")]).T
+             for e in range(ffn.n_experts)])
+        out[b + "ffn." + names["w_down"]] = torch.stack(
+            [w.take(f"{q}{e}.w2.weight").T for e in range(ffn.n_experts)])
         return out
+
+
+def moe_tensors(ffn: nn.Module) -> dict[str, Tensor]:
+    """A minillm MoE's router weight (E, C), ``w_gate_up`` (E, C, 2F) and ``w_down`` (E, F, C)."""
+    router = getattr(ffn.router, "proj", ffn.router)  # a Linear, or a router module holding one
+    bank = getattr(ffn, "experts", ffn)  # the expert weights, on the layer or an expert bank
+    return {"router": router.weight, "w_gate_up": bank.w_gate_up, "w_down": bank.w_down}
+
+
+def moe_names(ffn: nn.Module) -> dict[str, str]:
+    """The state-dict names (inside the layer) of the tensors ``moe_tensors`` returns."""
+    names = {id(t): n for n, t in ffn.named_parameters()}
+    return {k: names[id(t)] for k, t in moe_tensors(ffn).items()}
 
 
 LLAMA, MIXTRAL = Llama(), Mixtral()
