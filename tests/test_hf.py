@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minillm import build_model, export_hf, from_hf
 from minillm.interop import hf_model_config
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, options
 
 V = 320  # model vocabulary: the tiny tokenizer's ~300 tokens, padded
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64",
@@ -142,32 +142,52 @@ EXPORTS = {
         ["model=llama", "model/attention=mha", "model.attention.bias=true", "model.ffn.bias=true",
          "model.tie_embeddings=false", "model.position.scaling=linear", "model.position.factor=2.0"],
         "LlamaForCausalLM"),
-    "moe_rope": (["model=moe_rope", "model.ffn.n_experts=4", "model.ffn.d_expert=48"],
-                 "MixtralForCausalLM"),
     "gpt2": (["model=gpt2"], "GPT2LMHeadModel"),
     "gpt2-bias-untied": (["model=gpt2", "model.attention.bias=true", "model.ffn.bias=true",
                           "model.tie_embeddings=false"], "GPT2LMHeadModel"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(EXPORTS))
-def test_export_loads_in_transformers_and_round_trips(transformers, tokenizer, tmp_path, case):
-    overrides, architecture = EXPORTS[case]
+def check_export(transformers, tokenizer, folder, overrides: list[str], architecture: str) -> None:
+    """Export, load with AutoModelForCausalLM, check parity, import back and compare weights."""
     mini = minillm_model(overrides)
-    export_hf(mini, tmp_path, tokenizer)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    export_hf(mini, folder, tokenizer)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     assert type(hf).__name__ == architecture
     eos = tokenizer.token_to_id("<|endoftext|>")
     assert hf.config.eos_token_id == eos
     assert_parity(mini, hf, eos=eos)
 
-    back, tok = from_hf(tmp_path)  # the round trip gives the same weights and tokenizer
+    back, tok = from_hf(folder)  # the round trip gives the same weights and tokenizer
     own, other = mini.state_dict(), back.state_dict()
     assert own.keys() == other.keys() and all(torch.equal(own[k], other[k]) for k in own)
     assert tok.to_str() == tokenizer.to_str()
     ids = torch.randint(0, V, (1, 16))
     with torch.no_grad():
         assert torch.equal(mini(ids), back(ids))
+
+
+@pytest.mark.parametrize("case", sorted(EXPORTS))
+def test_export_loads_in_transformers_and_round_trips(transformers, tokenizer, tmp_path, case):
+    check_export(transformers, tokenizer, tmp_path, *EXPORTS[case])
+
+
+# MoE options Mixtral cannot express, and the words the blocker uses; every other MoE option in
+# configs/model/ffn must export with parity.
+MOE_BLOCKED = {"moe_auxfree": "bias_update_rate", "moe_capacity": "capacity_factor",
+               "moe_shared": "n_shared", "moe_sigmoid": "gate='sigmoid'"}
+
+
+@pytest.mark.parametrize("ffn", [o for o in options("model/ffn") if o.startswith("moe")])
+def test_every_moe_option_exports_as_mixtral_or_names_its_blocker(transformers, tokenizer, tmp_path, ffn):
+    overrides = ["model=moe_rope", f"model/ffn={ffn}", "model.ffn.d_expert=32"]
+    if ffn in MOE_BLOCKED:
+        with pytest.raises(ValueError, match="no native architecture") as err:
+            export_hf(minillm_model(overrides), tmp_path)
+        mixtral = next(line for line in str(err.value).splitlines() if "MixtralForCausalLM:" in line)
+        assert f"model.ffn.{MOE_BLOCKED[ffn]}" in mixtral
+    else:
+        check_export(transformers, tokenizer, tmp_path, overrides, "MixtralForCausalLM")
 
 
 def test_exported_tokenizer_loads_with_autotokenizer(transformers, tokenizer, tmp_path):
