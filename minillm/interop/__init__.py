@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from minillm.interop.body import Family
 from minillm.interop.folder import (dtype_name, read_config, read_tokenizer, read_weights,
                                     special_token, write_folder)
 from minillm.interop.gpt2 import GPT2_FAMILY
@@ -32,10 +33,10 @@ from minillm.interop.llama import LLAMA, MIXTRAL
 from minillm.model.build import build_model
 from minillm.model.transformer import Transformer
 
-FAMILIES = (LLAMA, MIXTRAL, GPT2_FAMILY)
+FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, GPT2_FAMILY)
 
 
-def hf_family(model: torch.nn.Module):
+def hf_family(model: torch.nn.Module) -> Family:
     """The family that expresses ``model``; a ValueError listing what blocks each one otherwise."""
     blocked = {f.architecture: f.blockers(model) for f in FAMILIES}
     for family in FAMILIES:
@@ -60,7 +61,7 @@ def export_hf(model: Transformer, out: str | Path, tokenizer: Tokenizer | None =
     return out
 
 
-def _import_family(hf: dict[str, Any]):
+def _import_family(hf: dict[str, Any]) -> Family:
     types = {f.model_type: f for f in FAMILIES}
     kind = hf.get("model_type")
     if kind not in types:
@@ -78,7 +79,7 @@ def hf_model_config(folder: str | Path) -> dict[str, Any]:
 
 def from_hf(folder: str | Path, dtype: torch.dtype = torch.float32
             ) -> tuple[Transformer, Tokenizer | None]:
-    """Build a minillm model from a Hugging Face model folder; also its tokenizer, if it has one.
+    """A minillm model (eval mode) from a Hugging Face model folder, and its tokenizer if it has one.
 
     ``hf_model_config(folder)`` gives the matching minillm ``model`` config, e.g. to save with a
     checkpoint. Dropout is a training choice and is not imported (set ``model.dropout``).
@@ -102,7 +103,7 @@ def from_hf(folder: str | Path, dtype: torch.dtype = torch.float32
             raise ValueError(f"from_hf: {key} has shape {tuple(value.shape)} in the checkpoint, "
                              f"{tuple(own[key].shape)} in the model config.json describes")
     model.load_state_dict({**own, **state})
-    return model.to(dtype), read_tokenizer(folder)
+    return model.to(dtype).eval(), read_tokenizer(folder)
 
 
 __all__ = ["export_hf", "from_hf", "hf_model_config", "hf_family"]

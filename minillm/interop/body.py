@@ -6,13 +6,27 @@ weights of a model it can express (``hf_config``, ``hf_weights``), and the rever
 (``minillm_config``, ``minillm_weights``).
 """
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from minillm.model.attention import Attention
 from minillm.model.transformer import Block, Transformer
+
+
+class Family(Protocol):
+    """One Hugging Face architecture, both directions."""
+
+    architecture: str  # e.g. "LlamaForCausalLM"
+    model_type: str  # config.json's model_type, e.g. "llama"
+
+    def blockers(self, model: nn.Module) -> list[str]: ...
+    def hf_config(self, model: Transformer) -> dict[str, Any]: ...
+    def hf_weights(self, model: Transformer) -> dict[str, Tensor]: ...
+    def minillm_config(self, hf: dict[str, Any], weights: dict[str, Tensor]) -> dict[str, Any]: ...
+    def minillm_weights(self, weights: dict[str, Tensor], hf: dict[str, Any],
+                        model: Transformer) -> dict[str, Tensor]: ...
 
 
 def named(module: nn.Module | None) -> str:
@@ -68,6 +82,7 @@ def bias_or_zeros(module: nn.Module, size: int) -> Tensor:
 
 
 def tied(model: Transformer) -> bool:
+    """True when the language-model head shares the embedding matrix."""
     return model.lm_head.weight is model.tok_emb.weight
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from minillm.interop.body import (Weights, bias_or_zeros, common_config, norm_blockers, norm_eps,
-                                  norm_weight, structure_blockers)
+                                  norm_weight, structure_blockers, tied)
 from minillm.model.ffn import MLP
 from minillm.model.position import Learned
 from minillm.model.transformer import Transformer
@@ -73,7 +73,7 @@ class GPT2:
                         **conv(f"h.{i}.attn.c_attn", b.attn.qkv), **conv(f"h.{i}.attn.c_proj", b.attn.proj),
                         **conv(f"h.{i}.mlp.c_fc", b.ffn.up), **conv(f"h.{i}.mlp.c_proj", b.ffn.down)})
         out = {f"transformer.{k}": v for k, v in out.items()}
-        if model.lm_head.weight is not model.tok_emb.weight:
+        if not tied(model):
             out["lm_head.weight"] = model.lm_head.weight
         return out
 
@@ -120,7 +120,7 @@ class GPT2:
                **norm("norm", "ln_f")}
         if w.has("lm_head.weight"):
             out["lm_head.weight"] = w.take("lm_head.weight")
-        for i in range(hf.get("n_layer", 12)):
+        for i in range(len(model.blocks)):
             b, p = f"blocks.{i}.", f"h.{i}."
             out.update({**norm(b + "attn_norm", p + "ln_1"), **norm(b + "ffn_norm", p + "ln_2"),
                         **linear(b + "attn.qkv", p + "attn.c_attn"),

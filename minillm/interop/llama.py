@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from minillm.interop.body import (Weights, common_config, norm_blockers, norm_eps, norm_weight,
-                                  structure_blockers)
+                                  structure_blockers, tied)
 from minillm.model.ffn import SwiGLU
 from minillm.model.moe import MoE
 from minillm.model.norm import RMSNorm
@@ -63,7 +63,10 @@ class Llama:
     """``LlamaForCausalLM``: RMSNorm, RoPE, MHA/GQA/MQA, SwiGLU."""
 
     architecture, model_type = "LlamaForCausalLM", "llama"
-    defaults = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+    # transformers' LlamaConfig defaults, for keys a config.json may leave out
+    defaults = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
+                "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0,
                 "tie_word_embeddings": False}
 
     # ---- minillm -> Hugging Face
@@ -99,7 +102,7 @@ class Llama:
     def hf_weights(self, model: Transformer) -> dict[str, Tensor]:
         out = {"model.embed_tokens.weight": model.tok_emb.weight,
                "model.norm.weight": norm_weight(model.norm)}
-        if model.lm_head.weight is not model.tok_emb.weight:
+        if not tied(model):
             out["lm_head.weight"] = model.lm_head.weight
         for i, block in enumerate(model.blocks):
             p, attn = f"model.layers.{i}.", block.attn
@@ -125,12 +128,17 @@ class Llama:
         return out
 
     # ---- Hugging Face -> minillm
+    def get(self, hf: dict[str, Any], key: str) -> Any:
+        """config.json's value for ``key``, or transformers' default for this architecture."""
+        value = hf.get(key)
+        return self.defaults.get(key) if value is None else value
+
     def check_config(self, hf: dict[str, Any]) -> None:
         """Raise for config.json settings that minillm cannot reproduce."""
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"from_hf: hidden_act={act!r} in config.json; minillm's SwiGLU uses 'silu'")
-        C, H = hf["hidden_size"], hf["num_attention_heads"]
+        C, H = self.get(hf, "hidden_size"), self.get(hf, "num_attention_heads")
         if hf.get("head_dim") not in (None, C // H) or C % H:
             raise ValueError(f"from_hf: head_dim={hf.get('head_dim')} with hidden_size={C} and "
                              f"num_attention_heads={H}; minillm needs head_dim = hidden_size / heads")
@@ -138,23 +146,23 @@ class Llama:
     def minillm_config(self, hf: dict[str, Any], weights: dict[str, Tensor]) -> dict[str, Any]:
         """The minillm ``model`` config (for ``build_model``) equivalent to config.json."""
         self.check_config(hf)
-        get = lambda key: hf.get(key, self.defaults.get(key))  # noqa: E731
-        bias = bool(hf.get("attention_bias", False))
-        return {"_target_": "minillm.model.Transformer", "vocab_size": hf["vocab_size"],
-                "d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
-                "n_heads": hf["num_attention_heads"], "max_seq_len": get("max_position_embeddings"),
+        get = lambda key: self.get(hf, key)  # noqa: E731
+        return {"_target_": "minillm.model.Transformer", "vocab_size": get("vocab_size"),
+                "d_model": get("hidden_size"), "n_layers": get("num_hidden_layers"),
+                "n_heads": get("num_attention_heads"), "max_seq_len": get("max_position_embeddings"),
                 "tie_embeddings": bool(get("tie_word_embeddings")), "dropout": 0.0,
                 "attention": {"_target_": ATTENTION, "_partial_": True, "backend": "sdpa",
-                              "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                              "bias": bias},
+                              "n_kv_heads": get("num_key_value_heads") or get("num_attention_heads"),
+                              "bias": bool(hf.get("attention_bias", False))},
                 "position": {"_target_": "minillm.model.position.RoPE", "_partial_": True,
                              **rope_from_config(hf, self.defaults["rope_theta"])},
                 "ffn": self.minillm_ffn(hf),
-                "norm": {"_target_": "minillm.model.norm.RMSNorm", "_partial_": True, "eps": get("rms_norm_eps")}}
+                "norm": {"_target_": "minillm.model.norm.RMSNorm", "_partial_": True,
+                         "eps": get("rms_norm_eps")}}
 
     def minillm_ffn(self, hf: dict[str, Any]) -> dict[str, Any]:
         return {"_target_": "minillm.model.ffn.SwiGLU", "_partial_": True,
-                "d_hidden": hf["intermediate_size"], "bias": bool(hf.get("mlp_bias", False))}
+                "d_hidden": self.get(hf, "intermediate_size"), "bias": bool(hf.get("mlp_bias", False))}
 
     def minillm_weights(self, weights: dict[str, Tensor], hf: dict[str, Any],
                         model: Transformer) -> dict[str, Tensor]:
@@ -165,7 +173,7 @@ class Llama:
                "norm.weight": w.take("model.norm.weight")}
         if w.has("lm_head.weight"):
             out["lm_head.weight"] = w.take("lm_head.weight")
-        for i in range(hf["num_hidden_layers"]):
+        for i in range(len(model.blocks)):
             p, b = f"model.layers.{i}.", f"blocks.{i}."
             out[b + "attn_norm.weight"] = w.take(p + "input_layernorm.weight")
             out[b + "ffn_norm.weight"] = w.take(p + "post_attention_layernorm.weight")
@@ -192,8 +200,11 @@ class Mixtral(Llama):
     """``MixtralForCausalLM``: the Llama body with top-k softmax-routed SwiGLU experts."""
 
     architecture, model_type = "MixtralForCausalLM", "mixtral"
-    defaults = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32, "rope_theta": 1e6,
-                "tie_word_embeddings": False, "router_aux_loss_coef": 0.001}
+    defaults = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32, "rope_theta": 1e6,
+                "tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "router_aux_loss_coef": 0.001}
 
     def ffn_blockers(self, model: Transformer) -> list[str]:
         arch, ffn, attn = self.architecture, model.blocks[0].ffn, model.blocks[0].attn
@@ -237,15 +248,16 @@ class Mixtral(Llama):
     def check_config(self, hf: dict[str, Any]) -> None:
         super().check_config(hf)
         window = hf.get("sliding_window")
-        if window is not None and window < hf.get("max_position_embeddings", 0):
+        if window is not None and window < self.get(hf, "max_position_embeddings"):
             raise ValueError(f"from_hf: sliding_window={window} in config.json; minillm attention "
                              "sees the whole context")
 
     def minillm_ffn(self, hf: dict[str, Any]) -> dict[str, Any]:
         return {"_target_": "minillm.model.moe.MoE", "_partial_": True,
-                "n_experts": hf.get("num_local_experts", 8), "top_k": hf.get("num_experts_per_tok", 2),
-                "d_expert": hf["intermediate_size"],
-                "aux_loss_coef": hf.get("router_aux_loss_coef", self.defaults["router_aux_loss_coef"])}
+                "n_experts": self.get(hf, "num_local_experts"),
+                "top_k": self.get(hf, "num_experts_per_tok"),
+                "d_expert": self.get(hf, "intermediate_size"),
+                "aux_loss_coef": self.get(hf, "router_aux_loss_coef")}
 
     def minillm_ffn_weights(self, w: Weights, p: str, b: str, ffn: nn.Module) -> dict[str, Tensor]:
         names = moe_names(ffn)
