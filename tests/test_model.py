@@ -196,4 +196,17 @@ def test_tied_embeddings_share_one_tensor():
     model = small_model()
     assert model.lm_head.weight is model.tok_emb.weight
     untied = small_model("model.tie_embeddings=false")
-    assert untied.num_params() == model.num_params() + VOCAB * 32
+    assert untied.num_params() == model.num_params() + 128 * 32  # 97 rows padded to 128
+
+
+def test_vocab_padding_changes_no_logit():
+    padded = small_model("model.vocab_multiple=64")
+    exact = small_model("model.vocab_multiple=1")
+    assert padded.tok_emb.weight.shape[0] == 128 and exact.tok_emb.weight.shape[0] == VOCAB
+    with torch.no_grad():
+        exact.tok_emb.weight.copy_(padded.tok_emb.weight[:VOCAB])
+        for (n, p), (_, q) in zip(padded.named_parameters(), exact.named_parameters()):
+            if n != "tok_emb.weight":
+                q.copy_(p)
+    idx = torch.randint(0, VOCAB, (2, 12))
+    torch.testing.assert_close(padded(idx), exact(idx))

@@ -1,0 +1,293 @@
+"""``TokenDataModule``: the token cache served as Lightning dataloaders.
+
+Training is an endless stream of ``(x, y)`` windows at random offsets, ``y`` = ``x`` shifted by one.
+Micro-batch ``n`` on rank ``r`` of ``w`` is a pure function of ``(seed, n, r, w)``: it draws its
+offsets from a generator seeded with ``(seed, n * w + r)``, so it does not depend on the worker
+count, and resuming at ``start_batch = n`` replays the stream exactly from batch ``n``.
+Validation is deterministic, non-overlapping windows; bits per byte =
+``mean nats per token / ln 2 / bytes_per_token`` (REFERENCE.md: loss * n_tokens / (n_bytes * ln 2)).
+"""
+
+import hashlib
+import math
+import struct
+from itertools import count
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from minillm.data.cache import build_cache, read_manifest
+from minillm.data.sources import make_source
+from minillm.data.tokenizer import EOT, check_vocab_size, load_tokenizer
+
+
+def batch_seed(seed: int, block: int) -> int:
+    """A 63-bit generator seed for sample block ``block``; hashing keeps (seed, block) pairs apart."""
+    digest = hashlib.blake2b(struct.pack("<qq", seed, block), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _open(path: str, dtype: str) -> np.ndarray:
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+
+class TrainStream(IterableDataset):
+    """Endless micro-batches of random windows; DataLoader workers take every k-th batch, in order."""
+
+    def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, seed: int,
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.path, self.dtype = path, dtype  # the memmap is opened in each worker, never pickled
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+
+    def batch(self, tokens: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``n`` of this rank: (x, y), each (batch_size, seq_len) int64."""
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, n * self.world_size + self.rank))
+        starts = torch.randint(0, len(tokens) - self.seq_len, (self.batch_size,), generator=gen)
+        idx = starts.numpy()[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
+        window = torch.from_numpy(tokens[idx].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+    def __iter__(self):
+        tokens = _open(self.path, self.dtype)
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        for n in count(self.start_batch + worker, n_workers):
+            yield self.batch(tokens, n)
+
+
+class ValBatches(IterableDataset):
+    """Batches of the non-overlapping windows ``lo + [i*T, i*T + T]``, i < n_windows, in order.
+
+    Iterable rather than map-style so Lightning never adds a DistributedSampler on top of the
+    per-rank share this already is; workers take every k-th batch and the DataLoader keeps order.
+    """
+
+    def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, lo: int,
+                 n_windows: int) -> None:
+        self.path, self.dtype, self.seq_len, self.batch_size = path, dtype, seq_len, batch_size
+        self.lo, self.n_windows = lo, n_windows
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_windows / self.batch_size)
+
+    def batch(self, tokens: np.ndarray, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i``: (x, y), each (<= batch_size, seq_len) int64."""
+        first = np.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.n_windows))
+        idx = self.lo + first[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (B, T+1)
+        window = torch.from_numpy(tokens[idx].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+    def __iter__(self):
+        tokens = _open(self.path, self.dtype)
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(worker, len(self), n_workers):
+            yield self.batch(tokens, i)
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.{name}={value!r}: must be an integer >= {minimum}")
+
+
+class TokenDataModule(L.LightningDataModule):
+    """TinyStories (Hub or local copy) or the synthetic corpus, tokenized once and cached."""
+
+    def __init__(
+        self,
+        source: str = "tinystories",
+        path: str | None = None,
+        vocab_size: int = 4096,
+        seq_len: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        num_proc: int = 4,
+        cache_dir: str = "data_cache",
+        val_tokens: int | None = None,
+        seed: int = 0,
+        n_stories: int = 4000,
+        corpus_seed: int = 0,
+        show_progress: bool = True,
+    ) -> None:
+        super().__init__()
+        check_vocab_size(vocab_size)
+        _positive_int("seq_len", seq_len)
+        _positive_int("batch_size", batch_size)
+        _positive_int("num_workers", num_workers, 0)
+        _positive_int("num_proc", num_proc)
+        if val_tokens is not None:
+            _positive_int("val_tokens", val_tokens, seq_len + 1)
+        if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
+            raise ValueError(f"seed={seed!r}: must be an integer (64-bit)")
+        self.source = make_source(source, path, n_stories, corpus_seed)
+        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
+        self.num_workers, self.num_proc, self.val_tokens = num_workers, num_proc, val_tokens
+        self.seed, self.show_progress = seed, show_progress
+        self.folder = _resolve(cache_dir) / f"{self.source.key}-v{vocab_size}"
+        self.start_batch = 0
+        self._prepared = False
+        self.manifest: dict | None = None
+        self._tokenizer = None
+
+    # ---- preparing and opening the cache ----
+    def prepare_data(self) -> None:
+        """Load the text, train the tokenizer and tokenize both splits into the cache (or reuse it)."""
+        if self._prepared:
+            return
+        self.manifest = build_cache(
+            self.source, self.folder, self.vocab_size, self.num_proc, self.show_progress
+        )
+        self._prepared = True
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the cache; without a trainer (eval.py, notebooks) prepare it first if needed."""
+        if self._tokenizer is not None:
+            return
+        if not self._prepared and self.trainer is None:
+            self.prepare_data()
+        manifest = read_manifest(self.folder)
+        if manifest is None:
+            raise RuntimeError(f"no complete token cache in {self.folder}: run prepare_data() first")
+        for split in ("train", "validation"):
+            if manifest["splits"][split]["tokens"] <= self.seq_len:
+                raise ValueError(
+                    f"data.seq_len={self.seq_len}: the {split} split has only "
+                    f"{manifest['splits'][split]['tokens']} tokens; it needs more than seq_len"
+                )
+        self.manifest = manifest
+        self._tokenizer_json = (self.folder / "tokenizer.json").read_text()
+        self._tokenizer = load_tokenizer(self._tokenizer_json)
+
+    def _ready(self) -> dict:
+        if self._tokenizer is None:
+            self.setup()
+        return self.manifest
+
+    # ---- tokenizer ----
+    @property
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` of this cache."""
+        self._ready()
+        return self._tokenizer
+
+    @property
+    def tokenizer_json(self) -> str:
+        """The serialized tokenizer (stored in checkpoints; rebuild it with ``load_tokenizer``)."""
+        self._ready()
+        return self._tokenizer_json
+
+    @property
+    def eot_id(self) -> int:
+        """Id of ``<|endoftext|>``, which follows every story."""
+        return self.tokenizer.token_to_id(EOT)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no EOT appended)."""
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``, EOT tokens kept as ``<|endoftext|>``."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays too
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes of the validation stories per validation token (EOT tokens included).
+
+        Bits per byte = mean validation loss in nats per token / ln 2 / bytes_per_token.
+        """
+        val = self._ready()["splits"]["validation"]
+        return val["bytes"] / val["tokens"]
+
+    def describe(self) -> str:
+        """One line saying what the run trains on."""
+        m = self._ready()
+        vocab = f"vocab {self.vocab_size}"
+        if m["tokenizer_vocab_size"] != self.vocab_size:
+            vocab += f" ({m['tokenizer_vocab_size']} used: the corpus ran out of merges)"
+        return (
+            f"data: {m['source']}, train {m['splits']['train']['tokens']:,} tokens, "
+            f"val {m['splits']['validation']['tokens']:,} tokens, {vocab}, "
+            f"{self.bytes_per_token:.3f} bytes/token, cache {self.folder}"
+        )
+
+    # ---- dataloaders ----
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _bin(self, split: str) -> tuple[str, str]:
+        return str(self.folder / f"{split}.bin"), self._ready()["dtype"]
+
+    def train_stream(self) -> TrainStream:
+        """The endless training stream of this rank, starting at ``self.start_batch``."""
+        rank, world = self._rank()
+        return TrainStream(*self._bin("train"), self.seq_len, self.batch_size, self.seed,
+                           self.start_batch, rank, world)
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless (x, y) micro-batches; batch n is a pure function of (seed, n, rank, world_size)."""
+        return DataLoader(
+            self.train_stream(),
+            batch_size=None,  # the stream yields whole batches; workers are interleaved in order
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+
+    def val_dataset(self) -> ValBatches:
+        """This rank's contiguous share of the validation windows (equal shares across ranks)."""
+        rank, world = self._rank()
+        n_tokens = self._ready()["splits"]["validation"]["tokens"]
+        if self.val_tokens is not None:
+            n_tokens = min(n_tokens, self.val_tokens)
+        per_rank = (n_tokens - 1) // self.seq_len // world
+        if per_rank == 0:
+            raise ValueError(
+                f"data.val_tokens={self.val_tokens}: {n_tokens} validation tokens give no window of "
+                f"seq_len={self.seq_len} per rank on {world} ranks"
+            )
+        return ValBatches(*self._bin("validation"), self.seq_len, self.batch_size,
+                          rank * per_rank * self.seq_len, per_rank)
+
+    def val_dataloader(self) -> DataLoader:
+        """Deterministic, non-overlapping validation windows, in order."""
+        return DataLoader(
+            self.val_dataset(),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    # ---- resume ----
+    def state_dict(self) -> dict[str, int]:
+        """Micro-batches consumed so far (saved in checkpoints at optimizer-step boundaries)."""
+        consumed = self.start_batch
+        if self.trainer is not None:
+            consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return {"start_batch": consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the training stream where the checkpoint left it."""
+        self.start_batch = int(state_dict["start_batch"])
+
+
+def _resolve(cache_dir: str) -> Path:
+    """``cache_dir`` made absolute against the launch directory (Hydra may chdir into outputs/)."""
+    path = Path(str(cache_dir)).expanduser()
+    if path.is_absolute():
+        return path
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import get_original_cwd
+
+        if HydraConfig.initialized():
+            return Path(get_original_cwd()) / path
+    except (ImportError, ValueError):
+        pass
+    return path.resolve()

@@ -1,0 +1,75 @@
+"""Byte-level BPE tokenizer (GPT-2 style) trained with Hugging Face ``tokenizers``.
+
+Byte-level pre-tokenization maps every UTF-8 byte to a symbol of a 256-letter alphabet, and the
+trainer starts from that whole alphabet, so every Unicode string is encodable with no unknown token.
+``<|endoftext|>`` is the one special token; the data pipeline puts it after every story.
+"""
+
+import hashlib
+from collections.abc import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+MIN_VOCAB = 256 + 1  # the byte alphabet plus <|endoftext|>
+MAX_VOCAB = 2**32  # token ids are stored as uint32 at most
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Raise ValueError naming ``data.vocab_size`` unless it is an int in [257, 2**32]."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+        MIN_VOCAB <= vocab_size <= MAX_VOCAB
+    ):
+        raise ValueError(
+            f"data.vocab_size={vocab_size!r}: must be an integer from {MIN_VOCAB} (256 byte tokens "
+            f"+ {EOT}) to 2**32"
+        )
+
+
+def _empty_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(
+    texts: Iterable[list[str]] | Iterable[str], vocab_size: int, show_progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE of at most ``vocab_size`` tokens on ``texts`` (strings or batches).
+
+    A small corpus may stop with fewer tokens than ``vocab_size`` (no pair left to merge); ids stay
+    below ``vocab_size`` either way, so the model's embedding table still fits.
+    """
+    check_vocab_size(vocab_size)
+    tok = _empty_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(_batches(texts), trainer=trainer)
+    return tok
+
+
+def _batches(texts: Iterable[list[str]] | Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    """Regroup strings (or batches of strings) into lists, so training streams without copying all."""
+    buf: list[str] = []
+    for item in texts:
+        buf.extend([item] if isinstance(item, str) else item)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def load_tokenizer(json_str: str) -> Tokenizer:
+    """The tokenizer serialized in ``json_str`` (``Tokenizer.to_str()``, as stored in checkpoints)."""
+    return Tokenizer.from_str(json_str)
+
+
+def tokenizer_hash(json_str: str) -> str:
+    """SHA-256 of a serialized tokenizer: the cache manifest's record of which tokenizer made it."""
+    return hashlib.sha256(json_str.encode()).hexdigest()

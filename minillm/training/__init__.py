@@ -1,0 +1,1 @@
+"""Training: the LightningModule, callbacks and throughput accounting."""
