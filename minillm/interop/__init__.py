@@ -90,9 +90,13 @@ def from_hf(folder: str | Path, dtype: torch.dtype = torch.float32
     weights = read_weights(folder)
     model = build_model(family.minillm_config(hf, weights))
     state = family.minillm_weights(weights, hf, model)
+    own = model.state_dict()
+    for key in ("tok_emb.weight", "lm_head.weight"):  # zero rows up to minillm's padded vocabulary
+        if key in state and state[key].shape[0] < own[key].shape[0]:
+            pad = state[key].new_zeros(own[key].shape[0] - state[key].shape[0], state[key].shape[1])
+            state[key] = torch.cat([state[key], pad])
     if model.lm_head.weight is model.tok_emb.weight:  # tied: the embedding is the head
         state["lm_head.weight"] = state["tok_emb.weight"]
-    own = model.state_dict()
     missing = [k for k, p in model.named_parameters() if k not in state]
     unknown = [k for k in state if k not in own]
     if missing or unknown:

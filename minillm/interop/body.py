@@ -86,6 +86,13 @@ def tied(model: Transformer) -> bool:
     return model.lm_head.weight is model.tok_emb.weight
 
 
+def vocab_rows(model: Transformer) -> tuple[Tensor, Tensor]:
+    """Embedding and head rows of the real vocabulary: minillm pads both to a multiple of
+    ``vocab_multiple`` and cuts its logits back to ``vocab_size``, so the padding is not exported."""
+    V = model.vocab_size
+    return model.tok_emb.weight[:V], model.lm_head.weight[:V]
+
+
 def common_config(model: Transformer) -> dict[str, Any]:
     """Entries every family's config.json shares."""
     return {"vocab_size": model.vocab_size, "tie_word_embeddings": tied(model),

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from minillm.interop.body import (Weights, bias_or_zeros, common_config, norm_blockers, norm_eps,
-                                  norm_weight, structure_blockers, tied)
+                                  norm_weight, structure_blockers, tied, vocab_rows)
 from minillm.model.ffn import MLP
 from minillm.model.position import Learned
 from minillm.model.transformer import Transformer
@@ -66,7 +66,8 @@ class GPT2:
             return {f"{name}.weight": linear.weight.T,
                     f"{name}.bias": bias_or_zeros(linear, linear.out_features)}
 
-        out = {"wte.weight": model.tok_emb.weight, "wpe.weight": model.position.table.weight,
+        embedding, head = vocab_rows(model)
+        out = {"wte.weight": embedding, "wpe.weight": model.position.table.weight,
                **norm("ln_f", model.norm)}
         for i, b in enumerate(model.blocks):
             out.update({**norm(f"h.{i}.ln_1", b.attn_norm), **norm(f"h.{i}.ln_2", b.ffn_norm),
@@ -74,7 +75,7 @@ class GPT2:
                         **conv(f"h.{i}.mlp.c_fc", b.ffn.up), **conv(f"h.{i}.mlp.c_proj", b.ffn.down)})
         out = {f"transformer.{k}": v for k, v in out.items()}
         if not tied(model):
-            out["lm_head.weight"] = model.lm_head.weight
+            out["lm_head.weight"] = head
         return out
 
     # ---- Hugging Face -> minillm

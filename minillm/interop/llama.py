@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from minillm.interop.body import (Weights, common_config, norm_blockers, norm_eps, norm_weight,
-                                  structure_blockers, tied)
+                                  structure_blockers, tied, vocab_rows)
 from minillm.model.ffn import SwiGLU
 from minillm.model.moe import MoE
 from minillm.model.norm import RMSNorm
@@ -100,10 +100,10 @@ class Llama:
                 "attention_bias": attn.qkv.bias is not None, "pretraining_tp": 1}
 
     def hf_weights(self, model: Transformer) -> dict[str, Tensor]:
-        out = {"model.embed_tokens.weight": model.tok_emb.weight,
-               "model.norm.weight": norm_weight(model.norm)}
+        embedding, head = vocab_rows(model)
+        out = {"model.embed_tokens.weight": embedding, "model.norm.weight": norm_weight(model.norm)}
         if not tied(model):
-            out["lm_head.weight"] = model.lm_head.weight
+            out["lm_head.weight"] = head
         for i, block in enumerate(model.blocks):
             p, attn = f"model.layers.{i}.", block.attn
             H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
