@@ -1,6 +1,13 @@
 """minillm: small decoder-only language models, assembled from pluggable parts."""
 
-from minillm.interop import export_hf, from_hf
 from minillm.model import KVCache, Transformer, build_model
 
 __all__ = ["KVCache", "Transformer", "build_model", "export_hf", "from_hf"]
+
+
+def __getattr__(name: str):
+    # Lazy: Hugging Face interop is not needed to build a model, so `import minillm` stays light.
+    if name in ("export_hf", "from_hf"):
+        from minillm import interop
+        return getattr(interop, name)
+    raise AttributeError(f"module 'minillm' has no attribute {name!r}")
