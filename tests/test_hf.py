@@ -1,6 +1,7 @@
 """Hugging Face interop: parity with transformers' reference models, export/import round trips.
 
-Reference models are built from configs with random weights (no network). Parity means fp32 logits
+Reference models are built from configs with random weights (no network) and run eager attention;
+exported folders load with transformers' defaults, as a user would. Parity means fp32 logits
 within 1e-4 and the same greedy tokens. Tests that need ``transformers`` skip without it.
 """
 
@@ -152,7 +153,7 @@ def check_export(transformers, tokenizer, folder, overrides: list[str], architec
     """Export, load with AutoModelForCausalLM, check parity, import back and compare weights."""
     mini = minillm_model(overrides)
     export_hf(mini, folder, tokenizer)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()  # as a user would
     assert type(hf).__name__ == architecture
     eos = tokenizer.token_to_id("<|endoftext|>")
     assert hf.config.eos_token_id == eos
