@@ -78,9 +78,10 @@ class Llama:
             out.append(f"model.position is {type(model.position).__name__}; {arch} encodes "
                        "positions only with RoPE")
         out += norm_blockers(model, (RMSNorm, nn.RMSNorm), arch)
-        return out + self.ffn_blockers(model)
+        return out + self.variant_blockers(model)
 
-    def ffn_blockers(self, model: Transformer) -> list[str]:
+    def variant_blockers(self, model: Transformer) -> list[str]:
+        """What blocks this architecture beyond the shared body (Llama and Mixtral differ here)."""
         ffn = model.blocks[0].ffn
         return [] if type(ffn) is SwiGLU else [
             f"model.ffn is {type(ffn).__name__}; {self.architecture} has a SwiGLU FFN"]
@@ -93,9 +94,10 @@ class Llama:
                 "num_key_value_heads": attn.n_kv_heads, "head_dim": attn.head_dim,
                 "hidden_act": "silu", "max_position_embeddings": model.max_seq_len,
                 "rms_norm_eps": norm_eps(model.norm), "attention_dropout": 0.0,
-                **rope_config(model.position), **self.ffn_config(ffn, attn)}
+                **rope_config(model.position), **self.variant_config(ffn, attn)}
 
-    def ffn_config(self, ffn: nn.Module, attn: nn.Module) -> dict[str, Any]:
+    def variant_config(self, ffn: nn.Module, attn: nn.Module) -> dict[str, Any]:
+        """config.json entries where Llama and Mixtral differ."""
         return {"intermediate_size": ffn.down.in_features, "mlp_bias": ffn.down.bias is not None,
                 "attention_bias": attn.qkv.bias is not None, "pretraining_tp": 1}
 
@@ -206,7 +208,7 @@ class Mixtral(Llama):
                 "tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2,
                 "router_aux_loss_coef": 0.001}
 
-    def ffn_blockers(self, model: Transformer) -> list[str]:
+    def variant_blockers(self, model: Transformer) -> list[str]:
         arch, ffn, attn = self.architecture, model.blocks[0].ffn, model.blocks[0].attn
         if type(ffn) is not MoE:
             return [f"model.ffn is {type(ffn).__name__}; {arch} has a Mixture-of-Experts FFN"]
@@ -227,7 +229,7 @@ class Mixtral(Llama):
                        f"{arch} is dropless")
         return out
 
-    def ffn_config(self, ffn: nn.Module, attn: nn.Module) -> dict[str, Any]:
+    def variant_config(self, ffn: nn.Module, attn: nn.Module) -> dict[str, Any]:
         # Training-only options (router jitter, z-loss) do not change the function: not exported.
         return {"intermediate_size": moe_tensors(ffn)["w_down"].shape[1],
                 "num_local_experts": ffn.n_experts, "num_experts_per_tok": ffn.top_k,
