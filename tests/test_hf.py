@@ -268,3 +268,24 @@ def test_hf_model_config_rebuilds_the_same_structure(tmp_path):
     assert cfg["ffn"]["n_experts"] == 4 and cfg["ffn"]["top_k"] == 1
     assert cfg["attention"]["n_kv_heads"] == 2 and cfg["max_seq_len"] == 64
     assert build_model(cfg).num_params() == mini.num_params()
+
+
+def test_from_hf_reports_tensors_the_config_does_not_explain(tmp_path):
+    from safetensors.torch import load_file
+
+    export_hf(minillm_model(["model=llama"]), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "model.layers.7.mlp.up_proj.weight": torch.zeros(2, 2)},
+              tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"have no place .*model\.layers\.7\.mlp\.up_proj"):
+        from_hf(tmp_path)
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        from_hf(tmp_path)
+
+
+def test_export_rejects_a_tokenizer_larger_than_the_vocabulary(tokenizer, tmp_path):
+    model = build_model(compose_cfg(TINY + ["model=llama", "data.vocab_size=256"]).model)
+    with pytest.raises(ValueError, match="model.vocab_size=256"):
+        export_hf(model, tmp_path, tokenizer)
