@@ -21,5 +21,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# Train the tiny preset on the synthetic corpus (CPU, a few minutes), then print samples.
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(BIN)/python train.py experiment=demo
+	$(BIN)/python eval.py ckpt_path=runs/demo/checkpoints/best.ckpt mode=sample max_new_tokens=120
+
 clean:
 	rm -rf outputs multirun runs .pytest_cache

@@ -2,11 +2,16 @@
 
 from minillm.model import KVCache, Transformer, build_model
 
-__all__ = ["KVCache", "Transformer", "build_model", "export_hf", "from_hf"]
+__all__ = ["KVCache", "LoadedCheckpoint", "Transformer", "build_model", "export_hf", "from_hf",
+           "load_checkpoint"]
 
 
 def __getattr__(name: str):
-    # Lazy: Hugging Face interop is not needed to build a model, so `import minillm` stays light.
+    # Lazy: checkpoint loading and Hugging Face interop are not needed to build a model, so
+    # `import minillm` stays light.
+    if name in ("load_checkpoint", "LoadedCheckpoint"):
+        from minillm import checkpoint
+        return getattr(checkpoint, name)
     if name in ("export_hf", "from_hf"):
         from minillm import interop
         return getattr(interop, name)

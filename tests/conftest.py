@@ -30,3 +30,24 @@ def compose_cfg(overrides: list[str] = (), config_name: str = "train"):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A few-second training run on CPU: 1-layer d_model 32 model, 32-token windows, a 50-story corpus.
+TINY_TRAIN = [
+    "model=tiny", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32",
+    "data=synthetic", "data.n_stories=50", "data.vocab_size=512", "data.batch_size=4",
+    "data.num_workers=0", "data.num_proc=1", "+data.show_progress=false",
+    "trainer=cpu", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1", "scheduler.warmup_steps=1", "logger=csv",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """Run directory of a finished TINY_TRAIN run (checkpoints/, metrics.jsonl, config.yaml)."""
+    import train
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    cache = tmp_path_factory.getbasetemp() / "data_cache"
+    train.main(compose_cfg(TINY_TRAIN + [f"run_dir={run_dir}", f"data.cache_dir={cache}"]))
+    return run_dir

@@ -289,3 +289,23 @@ def test_export_rejects_a_tokenizer_larger_than_the_vocabulary(tokenizer, tmp_pa
     model = build_model(compose_cfg(TINY + ["model=llama", "data.vocab_size=256"]).model)
     with pytest.raises(ValueError, match="model.vocab_size=256"):
         export_hf(model, tmp_path, tokenizer)
+
+
+# ---- eval.py mode=export on a real training checkpoint
+
+def test_eval_export_mode_writes_a_folder_transformers_loads(transformers, tiny_run, tmp_path):
+    import eval as eval_script
+    from minillm import load_checkpoint
+
+    ckpt, out = tiny_run / "checkpoints" / "last.ckpt", tmp_path / "hf"
+    result = eval_script.main(compose_cfg([f"ckpt_path={ckpt}", "mode=export", f"out={out}"], "eval"))
+    assert result == {"out": str(out), "architecture": "LlamaForCausalLM"}
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    text = "<|endoftext|>Once upon a time there was a"
+    ids = transformers.AutoTokenizer.from_pretrained(out)(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == tokenizer.encode(text).ids
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+    with pytest.raises(SystemExit):  # out is required: one line on stderr, exit code 2
+        eval_script.main(compose_cfg([f"ckpt_path={ckpt}", "mode=export"], "eval"))

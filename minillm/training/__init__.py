@@ -1,1 +1,7 @@
-"""Training: the LightningModule, callbacks and throughput accounting."""
+"""Training: the LightningModule, the learning-rate schedule, callbacks, throughput accounting and
+the run assembly."""
+
+from minillm.training.module import LanguageModel
+from minillm.training.run import train
+
+__all__ = ["LanguageModel", "train"]

@@ -1,0 +1,20 @@
+"""Evaluate or sample a checkpoint: ``python eval.py ckpt_path=PATH [mode=sample]`` (configs/eval.yaml)."""
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from minillm.cli import config_errors
+from minillm.evaluation import run
+
+
+@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation mode ``cfg.mode`` on ``cfg.ckpt_path``."""
+    with config_errors():
+        return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Evaluation modes of ``eval.py``: ``MODES`` maps a mode name to a function(cfg) -> dict.
+
+A mode is one module here and one entry below; it reads what it needs from ``configs/eval.yaml``
+(add its keys there) and loads the checkpoint with ``minillm.evaluation.loading.load``.
+"""
+
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from minillm.evaluation.export import export
+from minillm.evaluation.loss import evaluate_loss
+from minillm.evaluation.sample import sample
+
+MODES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
+    "loss": evaluate_loss,
+    "sample": sample,
+    "export": export,
+}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the mode ``cfg.mode`` names."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r} is not an evaluation mode; valid: {sorted(MODES)}")
+    return MODES[cfg.mode](cfg)

@@ -1,0 +1,72 @@
+"""``mode=sample``: print ``num_samples`` continuations of ``prompt`` from a checkpoint.
+
+The prompt is encoded after ``<|endoftext|>`` (every training story follows one), so an empty
+prompt starts a new story. The tokenizer is byte-level BPE: any text, including characters it never
+saw in training, encodes (as bytes). A row stops at ``<|endoftext|>`` or after ``max_new_tokens``;
+beyond the context window the window slides (``minillm.generate``). The same seed gives the same text.
+"""
+
+import sys
+from typing import Any
+
+from omegaconf import DictConfig
+
+from minillm.data import EOT
+from minillm.evaluation.loading import load
+from minillm.generate import generate
+
+
+def _check(cfg: DictConfig) -> None:
+    """Reject bad sampling settings before the checkpoint is read."""
+    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens!r} must be an integer >= 0")
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
+        raise ValueError(f"num_samples={cfg.num_samples!r} must be an integer >= 1")
+    if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
+        raise ValueError(f"temperature={cfg.temperature!r} must be a number >= 0 (0 = greedy)")
+    if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):
+        raise ValueError(f"top_k={cfg.top_k!r} must be an integer >= 1, or null for no filter")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        raise ValueError(f"top_p={cfg.top_p!r} must be in (0, 1], or null for no filter")
+    if not isinstance(cfg.prompt, str):
+        raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it: prompt='\"...\"')")
+
+
+class _Printer:
+    """Streams one row's text to stdout, holding back bytes of a character not yet complete."""
+
+    def __init__(self, tokenizer, prefix: list[int], eot: int) -> None:
+        self.tokenizer, self.ids, self.eot = tokenizer, list(prefix), eot
+        self.shown = len(tokenizer.decode(self.ids))
+
+    def __call__(self, row: int, token_id: int) -> None:
+        if token_id == self.eot:
+            return
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence decodes to U+FFFD
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Print samples; return ``{"samples": [text, ...]}`` (prompt included, EOT excluded)."""
+    _check(cfg)
+    (model, tokenizer, _), _ = load(cfg)
+    eot = tokenizer.token_to_id(EOT)
+    prompt_ids = tokenizer.encode(cfg.prompt).ids
+    streaming = bool(cfg.get("stream", False)) and cfg.num_samples == 1
+    printer = _Printer(tokenizer, prompt_ids, eot) if streaming else None
+    if streaming:
+        print(cfg.prompt, end="", flush=True)
+    rows = generate(model, [[eot] + prompt_ids] * cfg.num_samples, cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eot,
+                    seed=cfg.seed, use_cache=cfg.use_cache,
+                    stream=printer)
+    texts = [tokenizer.decode(prompt_ids + [t for t in row if t != eot]) for row in rows]
+    if streaming:
+        print()
+    else:
+        for i, text in enumerate(texts):
+            print(f"--- sample {i + 1}/{len(texts)} ---\n{text}", file=sys.stdout)
+    return {"samples": texts}

@@ -1,0 +1,142 @@
+"""The LightningModule: next-token cross-entropy plus the model's auxiliary losses.
+
+Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
+(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks),
+train/tokens_per_sec, train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``);
+after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
+"""
+
+import math
+import time
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from minillm.model import Transformer
+from minillm.training.throughput import flops_per_token, peak_flops
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices decay; norms, biases and embeddings (incl. tied head) do not."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():  # tied weights are yielded once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LanguageModel(L.LightningModule):
+    """Trains a ``Transformer``; checkpoints carry the resolved config and the tokenizer JSON."""
+
+    def __init__(self, model: Transformer, optimizer: Callable, scheduler: Callable,
+                 config: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.config = config  # plain, resolved: stored in every checkpoint
+        self.tokens_seen = 0
+        self.tokens_per_sec: float | None = None
+        self.mfu: float | None = None
+        self._flops_per_token, self._peak_flops = 0.0, None
+        self._window = (0, time.perf_counter())  # (tokens_seen, time) at the last speed reading
+        self._progress_step = -1
+        self._val_sum: Tensor | None = None
+        self._val_count = 0
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch  # (B, T) each
+        logits = self.model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        aux = self.model.aux_losses()
+        total = loss + sum(aux.values()) if aux else loss
+        self.tokens_seen += y.numel() * self.trainer.world_size
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        for name, value in aux.items():
+            self.log(f"train/aux/{name}", value.detach())
+        if self._log_step():
+            self._log_progress()
+        return total
+
+    def _log_step(self) -> bool:
+        """True once per optimizer step that Lightning's logger writes out (host-side check only)."""
+        every, step = self.trainer.log_every_n_steps, self.global_step
+        if not every or (step + 1) % every or step == self._progress_step:
+            return False
+        self._progress_step = step
+        return True
+
+    def _log_progress(self) -> None:
+        tokens, start = self._window
+        now = time.perf_counter()
+        if self.tokens_seen > tokens and now > start:
+            self.tokens_per_sec = (self.tokens_seen - tokens) / (now - start)
+            self.log("train/tokens_per_sec", self.tokens_per_sec)
+            if self._peak_flops:
+                self.mfu = self.tokens_per_sec * self._flops_per_token / self._peak_flops
+                self.log("train/mfu", self.mfu)
+        self._window = (self.tokens_seen, now)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen))
+
+    def on_train_start(self) -> None:
+        self._window = (self.tokens_seen, time.perf_counter())  # exclude data preparation time
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
+        # step too, which reaching max_steps alone does not do with an endless training stream.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self._val_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        self._val_count += y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        strategy = self.trainer.strategy
+        total = strategy.reduce(self._val_sum, reduce_op="sum")
+        count = strategy.reduce(torch.tensor(float(self._val_count), device=self.device), reduce_op="sum")
+        loss = total / count.clamp(min=1)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp())
+        bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", None)
+        if bytes_per_token:
+            self.log("val/bpb", loss / math.log(2) / bytes_per_token)
+        # Validation time is not training throughput: restart the speed window.
+        self._window = (self.tokens_seen, time.perf_counter())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups(self.model, weight_decay))
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "describe"):
+            rank_zero_info(datamodule.describe())
+        seq_len = getattr(datamodule, "seq_len", self.model.max_seq_len)
+        self._flops_per_token = flops_per_token(self.model, seq_len)
+        peak = peak_flops(self.device)  # None on CPU or an unknown GPU: no MFU then
+        self._peak_flops = peak * self.trainer.world_size if peak else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["config"] = self.config
+        checkpoint["tokenizer"] = self.trainer.datamodule.tokenizer_json
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))

@@ -1,0 +1,108 @@
+"""Assemble a run from its composed config (model, data, optimizer, scheduler, trainer, loggers,
+callbacks) and hand it to Lightning. ``train.py`` is the command-line wrapper."""
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from minillm.model import build_model
+from minillm.training.module import LanguageModel
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as ``cfg`` says; return the final logged metrics (floats)."""
+    run_dir = _run_dir(cfg)
+    ckpt_path = _resume_path(cfg.ckpt_path, run_dir)
+    _check_accelerator(cfg.trainer)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg.model)
+    with open_dict(cfg):
+        cfg.num_params = model.num_params()
+        cfg.num_params_active = model.num_params(active=True)
+    rank_zero_info(f"Model: {cfg.num_params:,} parameters ({cfg.num_params_active:,} active per token)")
+    rank_zero_info(f"Run directory: {run_dir}")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, run_dir / "config.yaml")
+    if cfg.compile:
+        model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
+    optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
+    # Dry run on a throwaway parameter: a bad schedule fails now, not after data preparation.
+    scheduler(optimizer([torch.zeros(1, requires_grad=True)]))
+    module = LanguageModel(model, optimizer, scheduler, config)
+    loggers = _loggers(cfg.logger)
+    trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()],
+                          logger=loggers or False, default_root_dir=str(run_dir))
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_wandb(loggers)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    """``cfg.run_dir`` if set, else Hydra's run directory; written back so configs can refer to it."""
+    if cfg.get("run_dir") is None:
+        if not HydraConfig.initialized():
+            raise ValueError("run_dir=null outside a Hydra app: set run_dir=DIR")
+        with open_dict(cfg):
+            cfg.run_dir = HydraConfig.get().runtime.output_dir
+    return Path(cfg.run_dir).absolute()
+
+
+def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: a path, or ``last`` for <run_dir>/checkpoints/last.ckpt."""
+    if ckpt_path is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        hint = " (pass hydra.run.dir=<the run's directory> with ckpt_path=last)" if ckpt_path == "last" else ""
+        raise ValueError(f"ckpt_path={ckpt_path}: no checkpoint file at {path}{hint}")
+    return str(path)
+
+
+def _check_accelerator(trainer_cfg: DictConfig) -> None:
+    if trainer_cfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={trainer_cfg.accelerator} but no CUDA device is "
+                         "available; use trainer=cpu")
+    if trainer_cfg.get("accelerator") in ("gpu", "cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
+
+
+def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
+    """Instantiate each configured logger; W&B goes offline unless the user is logged in."""
+    logger_cfg = logger_cfg or {}
+    if any("WandbLogger" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
+            "WANDB_MODE" not in os.environ and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
+    return [instantiate(c) for c in logger_cfg.values()]
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run, else the next run of a multirun would log into it."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False

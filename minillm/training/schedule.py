@@ -1,0 +1,36 @@
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (nanoGPT, llama2.c)."""
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
+    """Learning rate after ``step`` optimizer steps: lr*(step+1)/(warmup+1), cosine to min_lr, then min_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int, max_steps: int, min_lr: float) -> LambdaLR:
+    """A per-step ``LambdaLR`` following ``warmup_cosine_lr`` from each group's initial lr."""
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"scheduler.max_steps={max_steps!r} must be a positive integer "
+                         "(it follows trainer.max_steps; set trainer.max_steps=N)")
+    if not 0 <= warmup_steps < max_steps:
+        raise ValueError(f"scheduler.warmup_steps={warmup_steps!r} must be in [0, "
+                         f"scheduler.max_steps={max_steps})")
+    base = [group["lr"] for group in optimizer.param_groups]
+    if any(not 0 <= min_lr <= lr for lr in base):
+        raise ValueError(f"scheduler.min_lr={min_lr!r} must be in [0, optimizer.lr={base[0]}]")
+
+    # Closures, not callable objects: LambdaLR then keeps them out of its state_dict, so checkpoints
+    # hold plain data only.
+    def factor(lr: float):
+        return lambda step: warmup_cosine_lr(step, lr, warmup_steps, max_steps, min_lr) / lr if lr else 0.0
+
+    return LambdaLR(optimizer, [factor(lr) for lr in base])

@@ -1,0 +1,143 @@
+"""Training end to end on CPU: checkpoints, logs, resume, schedule, weight-decay groups, errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_TRAIN, compose_cfg
+from omegaconf import OmegaConf
+
+import train
+from minillm.data import generate_stories, load_tokenizer
+from minillm.model import build_model
+from minillm.training.module import param_groups
+from minillm.training.schedule import warmup_cosine, warmup_cosine_lr
+
+
+def _train(run_dir, *overrides, cache=None):
+    """TINY_TRAIN into ``run_dir``; with ``data=tinystories`` among ``overrides``, on that instead."""
+    cache = cache or run_dir.parent / "data_cache"
+    base = TINY_TRAIN
+    if "data=tinystories" in overrides:
+        base = [o for o in TINY_TRAIN if not o.startswith(("data=", "data.n_stories"))]
+    return train.main(compose_cfg(base + [f"run_dir={run_dir}", f"data.cache_dir={cache}", *overrides]))
+
+
+def test_run_writes_plain_data_checkpoints_and_history(tiny_run):
+    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (tiny_run / "checkpoints" / "best.ckpt").is_file()
+    assert ckpt["global_step"] == 4
+    assert ckpt["tokens_seen"] == 4 * 4 * 32  # steps * batch * seq_len
+    cfg = OmegaConf.create(ckpt["config"])
+    model = build_model(cfg.model)
+    assert cfg.num_params == model.num_params() and cfg.num_params_active == model.num_params(True)
+    tokenizer = load_tokenizer(ckpt["tokenizer"])
+    assert tokenizer.decode(tokenizer.encode("Once upon a time").ids) == "Once upon a time"
+    history = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4]
+    assert [h["tokens"] for h in history] == [2 * 128, 4 * 128]
+    for h in history:
+        assert math.isfinite(h["val_loss"]) and h["val_bpb"] > 0 and h["tokens_per_sec"] > 0
+    best = torch.load(tiny_run / "checkpoints" / "best.ckpt", weights_only=True)
+    best_score = min(h["val_loss"] for h in history)
+    assert best["global_step"] == [h["step"] for h in history if h["val_loss"] == best_score][0]
+    assert (tiny_run / "csv" / "metrics.csv").is_file()
+    assert OmegaConf.load(tiny_run / "config.yaml").num_params == cfg.num_params
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    _train(run_dir, "trainer.max_steps=2", "scheduler.max_steps=4", "logger=none",
+           cache=tiny_run.parent.parent / "data_cache")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    _train(run_dir, "ckpt_path=last", "logger=none", cache=tiny_run.parent.parent / "data_cache")
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    straight = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4 and resumed["tokens_seen"] == straight["tokens_seen"]
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_local_tinystories_copy_trains(tmp_path):
+    data = tmp_path / "stories"
+    data.mkdir()
+    for split, n in (("train", 40), ("validation", 10)):  # generated text in TinyStories' file format
+        text = "".join(f"{s}\n<|endoftext|>\n" for s in generate_stories(n, 1, split))
+        (data / f"{split}.txt").write_text(text)
+    run_dir = tmp_path / "run"
+    _train(run_dir, "data=tinystories", f"data.path={data}", "trainer.max_steps=3", "logger=none")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["config"]["data"]["path"] == str(data)
+    # Validation every 2 steps, and at the last step (3) though it is off that grid.
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3]
+
+
+def test_schedule_follows_warmup_then_cosine():
+    lr, min_lr, warmup, total = 1e-3, 1e-4, 10, 110
+    at = lambda s: warmup_cosine_lr(s, lr, warmup, total, min_lr)  # noqa: E731
+    assert at(0) == pytest.approx(lr / 11) and at(9) == pytest.approx(lr * 10 / 11)
+    assert at(10) == pytest.approx(lr) and at(60) == pytest.approx((lr + min_lr) / 2)
+    assert at(110) == pytest.approx(min_lr) and at(500) == min_lr
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = warmup_cosine(optimizer, warmup, total, min_lr)
+    for step in range(30):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(at(step))
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.state_dict()["lr_lambdas"] == [None]  # nothing callable in checkpoints
+    with pytest.raises(ValueError, match="scheduler.max_steps"):
+        warmup_cosine(optimizer, warmup, -1, min_lr)
+    with pytest.raises(ValueError, match="scheduler.min_lr"):
+        warmup_cosine(optimizer, warmup, total, 1.0)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    cfg = compose_cfg(["model=gpt2", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                       "model/position=learned", "model.attention.bias=true"])
+    model = build_model(cfg.model)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert len(decayed) + len(kept) == len(names) and not decayed & kept
+    assert {"tok_emb.weight", "position.table.weight"} <= kept
+    assert all(n.endswith(".weight") and "norm" not in n for n in decayed)
+    assert any(n.endswith(".bias") for n in kept) and any("norm" in n for n in kept)
+    assert any(n.startswith("blocks.0.attn") for n in decayed)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer=gpu", "trainer=cpu"),
+    ("data.path=/no/such/dir", "data.path"),
+    ("ckpt_path=last", "ckpt_path=last"),
+    ("model.n_heads=3", "model.n_heads=3"),
+    ("scheduler.warmup_steps=10", "scheduler.warmup_steps=10"),
+])
+def test_bad_config_exits_with_one_line(tmp_path, capsys, override, message):
+    if override == "trainer=gpu" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    overrides = (["data=tinystories"] if "data.path" in override else []) + [override]
+    with pytest.raises(SystemExit) as exit_info:
+        _train(tmp_path / "run", *overrides)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks"])
+def test_every_option_instantiates(group, tmp_path):
+    from conftest import options
+    from hydra.utils import instantiate
+
+    for option in options(group):
+        cfg = compose_cfg([f"{group}={option}", f"run_dir={tmp_path}"])
+        if group == "trainer":  # build each trainer on the CPU: the keys must all be Trainer arguments
+            trainer = instantiate(cfg.trainer, accelerator="cpu", precision="32-true", logger=False)
+            assert trainer.max_steps == cfg.trainer.max_steps
+        else:
+            assert all(instantiate(c) is not None for c in cfg[group].values())

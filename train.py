@@ -1,0 +1,18 @@
+"""Train a model: ``python train.py model=llama data=tinystories trainer=gpu`` (see configs/train.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from minillm.cli import config_errors
+from minillm.training import train
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the final validation loss (Hydra sweepers read it)."""
+    with config_errors():
+        return train(cfg).get("val/loss")
+
+
+if __name__ == "__main__":
+    main()
