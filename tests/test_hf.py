@@ -23,7 +23,7 @@ TEXT = ["Once upon a time there was a little dog.", "The dog liked to play in th
         "One day the sun was hot and the cat was sad.", "They were happy and played all day."]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: skips before the session-scoped tiny_run trains
 def transformers():
     return pytest.importorskip("transformers")
 
