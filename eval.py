@@ -5,7 +5,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from minillm.cli import config_errors
+from minillm.cli import composition_errors, config_errors
 from minillm.evaluation import run
 
 
@@ -17,4 +17,5 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with composition_errors():
+        main()

@@ -8,9 +8,19 @@ cache is tested against) at O(T^2) cost.
 Context window: a prompt longer than ``model.max_seq_len`` keeps its last ``max_seq_len`` tokens
 (a warning says so). When prompt plus generated tokens fill the window, the oldest tokens are
 dropped so that the last ``max_seq_len // 2`` remain and decoding continues, the cache rebuilt from
-them; both paths follow this rule, so they stay identical.
+them; both paths follow this rule, so they stay identical. With ``extrapolate=True`` (position
+schemes without a length limit: all but ``learned``) the window is instead the longest prompt plus
+``max_new_tokens``, the size of the cache allocated, so nothing is cut or slid.
+
+Example::
+
+    from minillm import generate
+    new_ids = generate(model, [[eos_id], [eos_id, 17, 42]], max_new_tokens=64, temperature=0.8,
+                       top_p=0.95, eos_id=eos_id, seed=0, stream=lambda row, tok: ...)
 """
 
+import sys
+import types
 import warnings
 from typing import Callable
 
@@ -50,17 +60,37 @@ def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tens
     return ids, pad
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              seed: int | None = None, use_cache: bool = True,
-             stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """New token ids for each prompt (the prompt excluded; a row ends after ``eos_id``)."""
+             stream: Callable[[int, int], None] | None = None,
+             extrapolate: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (the prompt excluded; a row ends after ``eos_id``).
+
+    ``prompt_ids``: one list of token ids per row, any lengths. ``temperature`` 0 is greedy;
+    ``top_k``/``top_p`` restrict sampling to the k most likely tokens / the smallest set of mass
+    ``top_p``. ``seed`` makes sampling reproducible. ``stream(row, token)`` is called for every new
+    token as it is produced. ``use_cache=False`` recomputes the whole context for every token.
+    ``extrapolate`` lets schemes without a length limit run past ``model.max_seq_len``.
+    """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token (start from the <|endoftext|> id)")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None: no limit)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None: no limit)")
     window = model.max_seq_len
+    if extrapolate:
+        if model.position.max_len is not None:
+            raise ValueError(f"extrapolation (allow_extrapolation=true) needs a position scheme "
+                             f"without a length limit; {type(model.position).__name__} stops at "
+                             f"model.max_seq_len={model.position.max_len}")
+        window = max(len(p) for p in prompt_ids) + max_new_tokens
     if any(len(p) > window for p in prompt_ids):
         warnings.warn(f"prompt longer than the context (model.max_seq_len={window}): "
                       f"keeping its last {window} tokens")
@@ -70,21 +100,23 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     ids, pad = _left_pad(prompt_ids, device)
-    B = ids.shape[0]
+    B, padded = ids.shape[0], len({len(p) for p in prompt_ids}) > 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache, fresh = None, ids  # ``fresh``: tokens not yet in the cache
     for _ in range(max_new_tokens):
         if ids.shape[1] > window:  # slide: keep the last half window, rebuild the cache
-            keep = window // 2
+            keep = max(1, window // 2)
             pad = (pad - (ids.shape[1] - keep)).clamp(min=0)
             ids, cache, fresh = ids[:, -keep:], None, ids[:, -keep:]
         if use_cache:
             if cache is None:
                 cache, fresh = KVCache.for_model(model, B, window, pad), ids
             logits = model(fresh, cache)[:, -1]
-        else:
+        elif padded:  # the cache object only carries the padding mask and positions here
             logits = model(ids, KVCache.for_model(model, B, ids.shape[1], pad))[:, -1]
+        else:
+            logits = model(ids)[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             nxt = nxt.masked_fill(done, eos_id)
@@ -99,3 +131,14 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
                 break
         ids, fresh = torch.cat([ids, nxt[:, None]], dim=1), nxt[:, None]
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``minillm.generate(model, ...)`` call ``generate`` while ``minillm.generate.generate``,
+    ``minillm.generate.filter_logits`` and ``import minillm.generate`` keep naming this module."""
+
+    def __call__(self, *args, **kwargs) -> list[list[int]]:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -8,13 +8,21 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
+from minillm.evaluation.attention import attention
+from minillm.evaluation.experts import expert_load
 from minillm.evaluation.export import export
+from minillm.evaluation.extrapolate import extrapolate_mode
 from minillm.evaluation.loss import evaluate_loss
+from minillm.evaluation.report import report
 from minillm.evaluation.sample import sample
 
 MODES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "loss": evaluate_loss,
     "sample": sample,
+    "report": report,
+    "extrapolate": extrapolate_mode,
+    "attention": attention,
+    "experts": expert_load,
     "export": export,
 }
 

@@ -6,12 +6,28 @@ scheme (see ``position.py``) and, when decoding, a per-layer KV cache (see ``cac
 
 Every kernel has the signature ``kernel(q, k, v, position, mask) -> (y, weights | None)`` with
 q (B, H, Tq, D), k and v (B, Hkv, Tk, D) kept at ``n_kv_heads`` (Ainslie et al. 2023, GQA;
-Shazeer 2019, MQA), and ``mask`` either ``None`` (plain causal, Tq == Tk) or a boolean
-(B, 1, Tq, Tk) of allowed keys. Head h reads K/V head ``h // (H / Hkv)``.
+Shazeer 2019, MQA), and ``mask`` either ``None`` (plain causal, the queries being the last Tq of
+the Tk keys) or a boolean (B, 1, Tq, Tk) of allowed keys. Head h reads K/V head ``h // (H / Hkv)``.
+
+Backends (``backend=``, chosen at construction):
+
+* ``math``: explicit softmax(QK^T / sqrt(D) + bias) V; the reference, and the only one that returns
+  the attention weights.
+* ``sdpa`` (default): ``F.scaled_dot_product_attention`` with ``enable_gqa``. A scheme with a score
+  bias (ALiBi) is passed as a materialised (H, Tq, Tk) additive mask.
+* ``flex``: ``flex_attention`` compiled once per process; causality is a cached ``BlockMask`` and the
+  scheme's bias a ``score_mod``, so no T x T tensor exists. It falls back to ``sdpa`` (same result)
+  for KV-cache decoding steps and left-padded batches (Tq < Tk or a mask: a few query rows, and a
+  new shape every step that would recompile flex) and, in torch 2.13, for CPU calls that need a
+  backward pass, which flex does not implement on CPU.
+* ``flash_attn``: the ``flash-attn`` package (CUDA, fp16/bf16), which takes ALiBi slopes and
+  grouped K/V natively; falls back to ``sdpa`` for masked calls and for float32 inputs.
 
 Notation: B batch, T time, C d_model, H query heads, Hkv key/value heads, G = H / Hkv, D head_dim.
 """
 
+import functools
+import importlib.util
 import math
 
 import torch
@@ -47,14 +63,78 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
                    mask: Tensor | None) -> tuple[Tensor, None]:
     """``F.scaled_dot_product_attention``: FlashAttention / memory-efficient kernels on GPU."""
-    gqa = k.shape[1] != q.shape[1]
-    if mask is None and not position.has_score_bias:
+    gqa, t_q, t_k = k.shape[1] != q.shape[1], q.shape[2], k.shape[2]
+    if mask is None and not position.has_score_bias and t_q in (1, t_k):
+        # one query (a decoding step) sees every key; Tq == Tk is sdpa's own causal alignment.
+        # Two calls, not is_causal=t_q > 1: under torch.compile with dynamic shapes that is a SymBool
+        if t_q == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), None
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), None
     attn_mask = _bias_and_mask(position, mask, q.shape[2], k.shape[2], q.device, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa), None
 
 
-KERNELS = {"math": math_attention, "sdpa": sdpa_attention}
+@functools.cache
+def _compiled_flex():
+    """``flex_attention`` compiled once per process (eager flex is a slow reference loop)."""
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+    return torch.compile(torch_flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_block_mask(t_q: int, t_k: int, device: str):
+    """Causal ``BlockMask`` with the queries as the last Tq of Tk keys, cached per shape and device."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = t_k - t_q
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return create_block_mask(causal, None, None, t_q, t_k, device=device)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
+                   mask: Tensor | None) -> tuple[Tensor, None]:
+    """FlexAttention: causal block mask plus the scheme's ``score_mod``, no T x T bias in memory."""
+    cpu_backward = q.device.type == "cpu" and torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad)
+    if mask is not None or q.shape[2] != k.shape[2] or cpu_backward:  # see the module docstring
+        return sdpa_attention(q, k, v, position, mask)
+    if q.device.type == "cpu":  # flex on CPU refuses inputs that require grad, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    t_q, t_k = q.shape[2], k.shape[2]
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+    # inside a compiled model the outer compile traces flex itself; in eager use our compiled copy
+    flex = torch_flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    y = flex(q, k, v, score_mod=position.score_mod(t_q, t_k),
+                         block_mask=_causal_block_mask(t_q, t_k, str(q.device)),
+                         enable_gqa=k.shape[1] != q.shape[1])
+    return y, None
+
+
+def flash_attn_attention(q: Tensor, k: Tensor, v: Tensor, position: PositionEncoding,
+                         mask: Tensor | None) -> tuple[Tensor, None]:
+    """The ``flash-attn`` package: ALiBi slopes and grouped K/V handled inside the kernel."""
+    slopes = getattr(position, "slopes", None)
+    if (mask is not None or q.dtype not in (torch.float16, torch.bfloat16)
+            or (position.has_score_bias and slopes is None)):
+        return sdpa_attention(q, k, v, position, mask)
+    from flash_attn import flash_attn_func
+    y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                        alibi_slopes=slopes.float() if position.has_score_bias else None)  # (B, T, H, D)
+    return y.transpose(1, 2), None  # (B, H, T, D)
+
+
+def _flash_attn_missing() -> str | None:
+    """What ``backend=flash_attn`` lacks on this machine, or ``None``."""
+    missing = [what for what, ok in [
+        ("the flash-attn package (pip install flash-attn)", importlib.util.find_spec("flash_attn")),
+        ("a CUDA device", torch.cuda.is_available())] if not ok]
+    return " and ".join(missing) or None
+
+
+KERNELS = {"math": math_attention, "sdpa": sdpa_attention, "flex": flex_attention,
+           "flash_attn": flash_attn_attention}
 
 
 class Attention(nn.Module):
@@ -72,6 +152,10 @@ class Attention(nn.Module):
                              f"model.n_heads={n_heads}; valid: {valid}")
         if backend not in KERNELS:
             raise ValueError(f"model.attention.backend={backend!r} is not one of {sorted(KERNELS)}")
+        if backend == "flash_attn" and (missing := _flash_attn_missing()):
+            valid = sorted(set(KERNELS) - {"flash_attn"})
+            raise ValueError(f"model.attention.backend='flash_attn' needs {missing}; "
+                             f"use one of {valid}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         self.backend, self.kernel = backend, KERNELS[backend]
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)

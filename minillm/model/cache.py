@@ -3,7 +3,8 @@
 One ``KVCache`` serves the whole model for one batch. It preallocates K and V per layer at
 ``n_kv_heads`` (GQA/MQA cache only their shared heads) and holds what every layer needs for the
 current step: the absolute ``positions`` of the new tokens (B, Tq) and the boolean ``mask``
-(B, 1, Tq, Tk) of keys each query may see. Prompts of different lengths are left-padded:
+(B, 1, Tq, Tk) of keys each query may see; without padding these are (Tq,) and ``None`` (plain
+causal, the kernels' cheapest path). Prompts of different lengths are left-padded:
 ``pad`` (B,) counts the padding of each row, which is masked out and shifts its positions, so a
 row's first real token sits at position 0.
 
@@ -49,6 +50,7 @@ class KVCache:
         self.layers = [LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
                                   torch.zeros(shape, device=device, dtype=dtype))
                        for _ in range(n_layers)]
+        self.padded = bool(self.pad.any())  # decided once: unpadded batches need no mask at all
         self.positions: Tensor | None = None
         self.mask: Tensor | None = None
 
@@ -68,6 +70,9 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} tokens; cannot append {t} to {self.length}")
         device = self.pad.device
         q_idx = torch.arange(self.length, self.length + t, device=device)  # buffer slots
+        if not self.padded:  # slots are positions; mask None = causal, queries the last t keys
+            self.positions, self.mask = q_idx, None
+            return
         k_idx = torch.arange(self.length + t, device=device)
         self.positions = (q_idx[None, :] - self.pad[:, None]).clamp(min=0)  # (B, Tq)
         causal = k_idx[None, :] <= q_idx[:, None]  # (Tq, Tk)

@@ -7,8 +7,9 @@ calls the same instance. A scheme answers three questions and overrides only wha
 * ``embed(x, positions)``: add something to the token embeddings (absolute schemes);
 * ``rotate(q, k, positions)``: rotate queries and keys (RoPE);
 * ``score_bias(t_q, t_k)``: an additive bias on the attention scores, shape (H, Tq, Tk) (ALiBi);
-  ``slopes`` (a buffer, ALiBi only) and ``score_mod`` describe the same bias to kernels that never
-  materialise it.
+  ``score_mod(t_q, t_k)`` returns the same bias as a ``flex_attention`` score modification and
+  ``slopes`` (a buffer, ALiBi only) as flash-attn's ``alibi_slopes``, for kernels that never
+  materialise it. ``has_score_bias`` says whether these exist.
 
 ``positions`` is ``None`` for a plain training batch (positions ``0..T-1``) or a LongTensor of
 shape (T,) or (B, T) of absolute positions (KV-cache decoding, left-padded batches). Queries are
@@ -20,6 +21,7 @@ Notation: B batch, T time, C d_model, H heads, D head_dim.
 """
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +55,9 @@ class PositionEncoding(nn.Module):
     def score_bias(self, t_q: int, t_k: int) -> Tensor | None:
         return None
 
-    score_mod = None  # flex_attention score modification, for schemes with a bias
+    def score_mod(self, t_q: int, t_k: int) -> Callable | None:
+        """``flex_attention`` score modification equal to ``score_bias(t_q, t_k)`` (None: no bias)."""
+        return None
 
 
 NoPosition = PositionEncoding
@@ -127,15 +131,22 @@ class RoPE(PositionEncoding):
         self.head_dim, self.theta = head_dim, theta
         self.pos_scale = 1.0 / factor if scaling == "linear" else 1.0
         inv_freq = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", torch.cat((inv_freq, inv_freq)), persistent=False)  # (D,)
+        # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated), exactly; one op
+        # per tensor instead of three matters in KV-cache decoding, where each op is tiny
+        self.register_buffer("sign", torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2))),
+                             persistent=False)
         cos, sin = self._cos_sin(torch.arange(max_seq_len))
         self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)  # signed, see above
 
     def _cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        angles = positions.float()[..., None] * self.pos_scale * self.inv_freq.to(positions.device)
-        angles = torch.cat((angles, angles), dim=-1)  # (..., D) halves layout
-        return angles.cos(), angles.sin()
+        """cos and signed sin (..., D) of the angles in the halves layout."""
+        p = positions.float()
+        if self.pos_scale != 1.0:
+            p = p * self.pos_scale
+        angles = p[..., None] * self.inv_freq  # (..., D)
+        return angles.cos(), angles.sin() * self.sign
 
     def rotate(self, q: Tensor, k: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t = q.shape[2]  # q, k: (B, H, T, D)
@@ -146,7 +157,8 @@ class RoPE(PositionEncoding):
             if cos.dim() == 3:
                 cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        half = self.head_dim // 2
+        return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -175,5 +187,11 @@ class ALiBi(PositionEncoding):
         j = torch.arange(t_k, device=self.slopes.device)[None, :]
         return -self.slopes[:, None, None] * (i - j).clamp(min=0)  # (H, Tq, Tk); masked part is 0
 
-    def score_mod(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return score - self.slopes[h] * (q_idx - kv_idx)
+    def score_mod(self, t_q: int, t_k: int) -> Callable:
+        """score - m_h * (i - j) with i = q_idx + (Tk - Tq), the query's absolute index."""
+        slopes, offset = self.slopes, t_k - t_q
+
+        def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return score - slopes[h] * (q_idx + offset - kv_idx)
+
+        return alibi

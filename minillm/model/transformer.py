@@ -74,7 +74,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("position.") or p.dim() < 2:
                 continue
-            residual_out = name.endswith(("attn.proj.weight", "ffn.down.weight", "w_down"))
+            residual_out = name.endswith(("attn.proj.weight", "down.weight", "w_down"))
             nn.init.normal_(p, std=std / math.sqrt(2 * self.n_layers) if residual_out else std)
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
@@ -111,8 +111,6 @@ class Transformer(nn.Module):
         if not active:
             return total
         for block in self.blocks:
-            ffn = block.ffn
-            if hasattr(ffn, "n_experts"):
-                expert = sum(p.numel() for n, p in ffn.named_parameters() if n.startswith("w_"))
-                total -= expert * (ffn.n_experts - ffn.top_k) // ffn.n_experts
+            if hasattr(block.ffn, "inactive_params"):  # MoE: experts a token is not routed to
+                total -= block.ffn.inactive_params()
         return total

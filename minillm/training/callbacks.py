@@ -8,13 +8,27 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from minillm.data.cache import atomic_write
+
 
 class MetricsHistory(L.Callback):
-    """Append one JSON line per validation to ``path``: step, tokens, val loss/bpb, speed, memory."""
+    """Append one JSON line per validation to ``path``: step, tokens, val loss/bpb, speed, memory.
+
+    At the start of training, lines past the current step are dropped: a resumed run rewrites the
+    history the interrupted one wrote after its last checkpoint, so the file reads as one run.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.start = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _step(line) is not None and _step(line) <= trainer.global_step]
+        if len(kept) != len(lines):
+            atomic_write(self.path, lambda fh: fh.write("".join(line + "\n" for line in kept)), mode="w")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -35,6 +49,14 @@ class MetricsHistory(L.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step(line: str) -> int | None:
+    """The step of a history line; None for a line a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _float(value) -> float | None:

@@ -4,6 +4,11 @@ Logged (every ``trainer.log_every_n_steps``; values stay on the device until the
 (LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks),
 train/tokens_per_sec, train/mfu (on a GPU whose peak is known; ``minillm.training.throughput``);
 after each validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text).
+
+Reliability: a non-finite loss stops the run with ``NonFiniteError`` naming the step, before any
+update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradient from them); a
+checkpoint is never written from non-finite weights. Checkpoints carry the RNG states, restored at
+the first training batch after a resume so an interrupted run replays the uninterrupted one exactly.
 """
 
 import math
@@ -13,11 +18,17 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from minillm.checkpoint import match_state_dict_keys
 from minillm.model import Transformer
+from minillm.training.rng import get_rng_states, set_rng_states
 from minillm.training.throughput import flops_per_token, peak_flops
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -34,12 +45,14 @@ class LanguageModel(L.LightningModule):
     """Trains a ``Transformer``; checkpoints carry the resolved config and the tokenizer JSON."""
 
     def __init__(self, model: Transformer, optimizer: Callable, scheduler: Callable,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], max_nonfinite_skips: int = 0) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config  # plain, resolved: stored in every checkpoint
         self.tokens_seen = 0
+        self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
+        self._pending_rng: dict[str, Any] | None = None  # restored at the first batch after a resume
         self.tokens_per_sec: float | None = None
         self.mfu: float | None = None
         self._flops_per_token, self._peak_flops = 0.0, None
@@ -58,6 +71,8 @@ class LanguageModel(L.LightningModule):
         aux = self.model.aux_losses()
         total = loss + sum(aux.values()) if aux else loss
         self.tokens_seen += y.numel() * self.trainer.world_size
+        if not self._finite(total):
+            return self._skip_or_stop(total, batch_idx)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         for name, value in aux.items():
@@ -65,6 +80,33 @@ class LanguageModel(L.LightningModule):
         if self._log_step():
             self._log_progress()
         return total
+
+    def _finite(self, total: Tensor) -> bool:
+        """One host sync per micro-batch; across ranks, any rank's non-finite loss counts for all."""
+        finite = bool(torch.isfinite(total.detach()).item())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def _skip_or_stop(self, total: Tensor, batch_idx: int) -> None:
+        """Skip this batch (no backward: no gradient from it) while skips remain, else raise
+        ``NonFiniteError``."""
+        self.nonfinite_skips += 1
+        where = f"step {self.global_step} (micro-batch {batch_idx})"
+        if self.nonfinite_skips > self.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"non-finite training loss ({total.item()}) at {where}: run stopped before updating "
+                f"the weights; the last checkpoint is kept ({self.max_nonfinite_skips} skips allowed: "
+                "lower optimizer.lr, or raise nonfinite.max_skips to skip such batches)")
+        rank_zero_warn(f"non-finite training loss ({total.item()}) at {where}: batch skipped "
+                       f"({self.nonfinite_skips}/{self.max_nonfinite_skips} of nonfinite.max_skips)")
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+        return None  # Lightning then skips backward and the update; the step still counts
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
 
     def _log_step(self) -> bool:
         """True once per optimizer step that Lightning's logger writes out (host-side check only)."""
@@ -134,9 +176,29 @@ class LanguageModel(L.LightningModule):
         self._peak_flops = peak * self.trainer.world_size if peak else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite(checkpoint["state_dict"], self.global_step)
         checkpoint["config"] = self.config
         checkpoint["tokenizer"] = self.trainer.datamodule.tokenizer_json
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
+        checkpoint["rng_states"] = get_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before Lightning loads the weights: match the keys to this module (compiled or eager).
+        checkpoint["state_dict"] = match_state_dict_keys(checkpoint["state_dict"], self)
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        self.nonfinite_skips = int(checkpoint.get("nonfinite_skips", 0))
+        self._pending_rng = checkpoint.get("rng_states")
+
+
+def check_finite(state_dict: dict[str, Tensor], step: int) -> None:
+    """Raise ``NonFiniteError`` naming the first non-finite floating-point tensor of ``state_dict``."""
+    floats = [(k, v) for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floats:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()  # one host sync
+    bad = [k for (k, _), ok in zip(floats, finite) if not ok]
+    if bad:
+        raise NonFiniteError(f"non-finite weights at step {step} ({bad[0]}"
+                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): run stopped "
+                             "without writing a checkpoint; the last one is kept (lower optimizer.lr)")

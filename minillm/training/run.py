@@ -15,14 +15,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from minillm.model import build_model
+from minillm.training.checkpoint_io import AtomicCheckpointIO
 from minillm.training.module import LanguageModel
+from minillm.training.sweep import wandb_grouping
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as ``cfg`` says; return the final logged metrics (floats)."""
-    run_dir = _run_dir(cfg)
-    ckpt_path = _resume_path(cfg.ckpt_path, run_dir)
-    _check_accelerator(cfg.trainer)
+    run_dir = resolve_run_dir(cfg)
+    ckpt_path = resume_path(cfg.ckpt_path, run_dir)
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg.model)
@@ -40,20 +43,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
     # Dry run on a throwaway parameter: a bad schedule fails now, not after data preparation.
     scheduler(optimizer([torch.zeros(1, requires_grad=True)]))
-    module = LanguageModel(model, optimizer, scheduler, config)
+    module = LanguageModel(model, optimizer, scheduler, config,
+                           max_nonfinite_skips=cfg.get("nonfinite", {}).get("max_skips", 0))
     loggers = _loggers(cfg.logger)
+    # AtomicCheckpointIO: checkpoints are written atomically and read with weights_only=True,
+    # the resume below included.
     trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()],
-                          logger=loggers or False, default_root_dir=str(run_dir))
+                          logger=loggers or False, default_root_dir=str(run_dir),
+                          plugins=[AtomicCheckpointIO()])
     for logger in loggers:
         logger.log_hyperparams(config)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         _finish_wandb(loggers)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def _run_dir(cfg: DictConfig) -> Path:
+def resolve_run_dir(cfg: DictConfig) -> Path:
     """``cfg.run_dir`` if set, else Hydra's run directory; written back so configs can refer to it."""
     if cfg.get("run_dir") is None:
         if not HydraConfig.initialized():
@@ -63,7 +70,7 @@ def _run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir).absolute()
 
 
-def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     """The checkpoint to resume from: a path, or ``last`` for <run_dir>/checkpoints/last.ckpt."""
     if ckpt_path is None:
         return None
@@ -74,21 +81,14 @@ def _resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-def _check_accelerator(trainer_cfg: DictConfig) -> None:
-    if trainer_cfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(f"trainer.accelerator={trainer_cfg.accelerator} but no CUDA device is "
-                         "available; use trainer=cpu")
-    if trainer_cfg.get("accelerator") in ("gpu", "cuda"):
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
-
-
 def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
-    """Instantiate each configured logger; W&B goes offline unless the user is logged in."""
+    """Instantiate each configured logger; W&B goes offline unless the user is logged in, and groups
+    the runs of a sweep (``minillm.training.sweep.wandb_grouping``)."""
     logger_cfg = logger_cfg or {}
     if any("WandbLogger" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
             "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
-    return [instantiate(c) for c in logger_cfg.values()]
+    return [instantiate(c, **wandb_grouping(c)) for c in logger_cfg.values()]
 
 
 def _finish_wandb(loggers: list[Any]) -> None:

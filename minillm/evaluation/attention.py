@@ -1,0 +1,104 @@
+"""``mode=attention``: attention maps of a checkpoint on a prompt, one PNG grid per layer.
+
+The checkpoint's model is rebuilt with the ``math`` attention backend (the one that forms the
+softmax weights; the kernel is picked at construction) and the same weights, and every layer
+records its weights (B, H, T, T) during one forward pass. The prompt is encoded after
+``<|endoftext|>``, as every training story starts. Writes ``attention/layer<i>.png`` and
+``attention/weights.npz`` (weights (layers, H, T, T) and the token labels) beside the checkpoint.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from minillm.checkpoint import model_state_dict, read_checkpoint
+from minillm.data import EOT, load_tokenizer
+from minillm.evaluation.loading import pick_device
+from minillm.model import Transformer, build_model
+
+
+def math_model(checkpoint: dict, device: torch.device) -> Transformer:
+    """The checkpoint's model on the ``math`` attention backend, recording attention weights."""
+    model_cfg = OmegaConf.to_container(OmegaConf.create(checkpoint["config"])["model"])
+    model_cfg["attention"]["backend"] = "math"
+    model = build_model(model_cfg)
+    model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
+    for block in model.blocks:
+        block.attn.record_weights = True
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def attention_maps(model: Transformer, ids: list[int]) -> np.ndarray:
+    """Attention weights of every layer for one sequence: (layers, H, T, T), rows sum to 1."""
+    device = next(model.parameters()).device
+    model(torch.tensor([ids], device=device))
+    return np.stack([block.attn.attn_weights[0].float().cpu().numpy() for block in model.blocks])
+
+
+def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -> None:
+    """One layer's heads (H, T, T) as a grid of heat maps, query tokens down, key tokens across."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+
+    n_heads, t = weights.shape[0], weights.shape[-1]
+    cols = min(n_heads, 4)
+    rows = math.ceil(n_heads / cols)
+    size = max(3.0, 0.22 * t + 1.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= n_heads:
+            ax.axis("off")
+            continue
+        ax.imshow(weights[h], cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0))  # faint weights show
+        ax.set_title(f"layer {layer}, head {h}", fontsize=9)
+        ax.set_xticks(range(t), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(t), labels, fontsize=7)
+    fig.suptitle(f"Attention weights, layer {layer} (row: query token, column: key token)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text (special tokens by name), newlines shown as ``\\n``."""
+    return [tokenizer.decode([i], skip_special_tokens=False).replace("\n", "\\n") for i in ids]
+
+
+def attention(cfg: DictConfig) -> dict[str, Any]:
+    """``python eval.py ckpt_path=PATH mode=attention prompt="..."``: PNGs per layer, weights."""
+    if not cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path is required, e.g. python eval.py mode=attention "
+                         "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt prompt=\"The cat sat\"")
+    if not isinstance(cfg.prompt, str):
+        raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it: prompt='\"...\"')")
+    device = pick_device(cfg.get("device", "auto"))
+    checkpoint = read_checkpoint(cfg.ckpt_path, device)
+    tokenizer = load_tokenizer(checkpoint["tokenizer"])
+    ids = [tokenizer.token_to_id(EOT)] + tokenizer.encode(cfg.prompt).ids
+    model = math_model(checkpoint, device)
+    limit = model.position.max_len
+    if limit is not None and len(ids) > limit:
+        raise ValueError(f"prompt is {len(ids)} tokens with <|endoftext|>; this model's "
+                         f"{type(model.position).__name__} positions encode at most {limit}: shorten it")
+    weights = attention_maps(model, ids)
+    labels = token_labels(tokenizer, ids)
+    folder = Path(cfg.get("out_dir") or Path(cfg.ckpt_path).parent / "attention")
+    folder.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    files = []
+    for layer, layer_weights in enumerate(weights):
+        path = folder / f"layer{layer}.png"
+        plot_layer(layer_weights, labels, layer, path)
+        files.append(str(path))
+    np.savez(folder / "weights.npz", weights=weights, tokens=np.array(labels))
+    files.append(str(folder / "weights.npz"))
+    print(f"{len(ids)} tokens, {weights.shape[0]} layers x {weights.shape[1]} heads\n"
+          f"written: {', '.join(files)}")
+    return {"tokens": labels, "weights": weights, "files": files}

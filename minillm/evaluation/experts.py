@@ -1,0 +1,35 @@
+"""``mode=experts``: expert-load heatmap of an MoE checkpoint on validation batches.
+
+Writes ``expert_load.png`` beside the checkpoint (layers x experts over ``expert_batches``
+validation batches, the figure ``MoEMonitor`` draws during training) and returns the mean
+load imbalance (max/mean tokens per expert) of each MoE layer.
+"""
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from minillm.evaluation.loading import checkpoint_datamodule, load
+from minillm.training.moe_monitor import plot_expert_load
+
+
+def expert_load(cfg: DictConfig) -> dict[str, Any]:
+    """Plot and summarise the expert load of ``cfg.ckpt_path`` on its validation split."""
+    n_batches = cfg.get("expert_batches", 8)
+    if not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"expert_batches={n_batches!r} must be a positive integer")
+    (model, _, run_cfg), checkpoint = load(cfg)
+    datamodule = checkpoint_datamodule(run_cfg, batch_size=cfg.get("batch_size"),
+                                       num_workers=cfg.get("num_workers"))
+    path = Path(cfg.ckpt_path).parent / "expert_load.png"
+    batches = itertools.islice(datamodule.val_dataloader(), n_batches)
+    loads = plot_expert_load(model, batches, path)  # (S, L, E)
+    total = loads.sum(dim=0)  # (L, E) tokens per expert over all batches
+    imbalance = (total.max(dim=-1).values / total.mean(dim=-1)).tolist()
+    result = {"ckpt_path": str(cfg.ckpt_path), "step": int(checkpoint.get("global_step", 0)),
+              "batches": len(loads), "imbalance": imbalance, "figure": str(path)}
+    print(f"{cfg.ckpt_path}: load imbalance (max/mean) per MoE layer over {len(loads)} validation "
+          f"batches: {', '.join(f'{v:.2f}' for v in imbalance)}\n  heatmap written to {path}")
+    return result

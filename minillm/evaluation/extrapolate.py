@@ -1,0 +1,169 @@
+"""``mode=extrapolate``: validation loss of a checkpoint at 1x, 2x, 4x, 8x its training context.
+
+Every length reads the same text: the first N tokens of the validation memmap (N a multiple of the
+longest length), cut into non-overlapping windows of L*k + 1 tokens, so each length predicts the
+same N targets. A scheme with a longest encodable sequence (``position.max_len``: the learned table)
+stops there, and the table says so. RoPE may opt into rescaling at evaluation time
+(``rope_scaling=linear`` position interpolation, or ``ntk``) with factor = eval length / train length.
+Writes ``extrapolation[_<scaling>].{json,md,png}`` beside the checkpoint.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from minillm.checkpoint import model_state_dict, read_checkpoint, unpack_checkpoint
+from minillm.evaluation.loading import checkpoint_datamodule, pick_device
+from minillm.model import Transformer, build_model
+from minillm.model.position import RoPE
+
+SCALINGS = ("none", "linear", "ntk")
+
+
+@torch.no_grad()
+def windows_loss(model: Transformer, tokens: np.ndarray, length: int, batch_tokens: int = 16384) -> float:
+    """Mean next-token loss (nats) over non-overlapping windows of ``length`` targets in ``tokens``
+    (``len(tokens) - 1`` must be a multiple of ``length``)."""
+    device = next(model.parameters()).device
+    n_windows = (len(tokens) - 1) // length
+    per_batch = max(1, batch_tokens // length)
+    total = 0.0
+    for start in range(0, n_windows, per_batch):
+        rows = range(start, min(start + per_batch, n_windows))
+        idx = np.array(rows)[:, None] * length + np.arange(length + 1)  # (B, length + 1)
+        window = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
+        logits = model(window[:, :-1])  # (B, length, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(),
+                                 reduction="sum").item()
+    return total / (n_windows * length)
+
+
+def check_options(factors: Any, n_tokens: Any, rope_scaling: str) -> list[int]:
+    """The sorted distinct factors; ValueError naming the setting when any option is invalid."""
+    factors = list(factors) if not isinstance(factors, (int, str)) else [factors]
+    if not factors or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in factors):
+        raise ValueError(f"factors={factors!r} must be a list of integers >= 1, e.g. [1,2,4,8]")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"extrapolate_tokens={n_tokens!r} must be a positive integer")
+    if rope_scaling not in SCALINGS:
+        raise ValueError(f"rope_scaling={rope_scaling!r} is not one of {list(SCALINGS)}")
+    return sorted(set(factors))
+
+
+def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: int = 16384,
+                rope_scaling: str = "none", device: str = "auto", write: bool = True) -> dict[str, Any]:
+    """Validation loss of the checkpoint at each ``factor`` x its training context (see module doc)."""
+    factors = check_options(factors, n_tokens, rope_scaling)
+    checkpoint = read_checkpoint(ckpt_path, pick_device(device))
+    model, _, cfg = unpack_checkpoint(checkpoint, pick_device(device))
+    if rope_scaling != "none" and not isinstance(model.position, RoPE):
+        raise ValueError(f"rope_scaling={rope_scaling}: the checkpoint's model.position is "
+                         f"{type(model.position).__name__}, not RoPE; use rope_scaling=none")
+    datamodule = checkpoint_datamodule(cfg)
+    train_len = int(cfg.data.seq_len)
+    tokens = np.memmap(datamodule.folder / "validation.bin", dtype=datamodule.manifest["dtype"], mode="r")
+    span = train_len * max(factors)
+    n = min(n_tokens, len(tokens) - 1) // span * span  # same N targets at every length
+    if n == 0:
+        raise ValueError(f"extrapolate_tokens={n_tokens}: the validation split has {len(tokens)} tokens, "
+                         f"fewer than one window of {span} (max factor x {train_len}) + 1")
+    limit = model.position.max_len
+    losses: dict[int, float | None] = {}
+    for k in factors:
+        if limit is not None and train_len * k > limit:
+            losses[k] = None
+            continue
+        scaled = model if rope_scaling == "none" or k == 1 else _rescaled(cfg, checkpoint, rope_scaling, k)
+        losses[k] = windows_loss(scaled, tokens[: n + 1], train_len * k)
+    reached = [k for k in factors if losses[k] is not None]
+    stop = (f"{type(model.position).__name__} encodes at most {limit} positions: stops at "
+            f"{max(reached) if reached else 0}x" if len(reached) < len(factors) else "")
+    result = {
+        "ckpt_path": str(ckpt_path),
+        "position": type(model.position).__name__,
+        "rope_scaling": rope_scaling,
+        "train_len": train_len,
+        "tokens": n,
+        "factors": factors,
+        "lengths": [train_len * k for k in factors],
+        "val_loss": [losses[k] for k in factors],
+        "val_bpb": [None if losses[k] is None else losses[k] / math.log(2) / datamodule.bytes_per_token
+                    for k in factors],
+        "stops_at": max(reached) if reached else None,
+        "note": stop,
+    }
+    if write:
+        result["files"] = _write(result, Path(ckpt_path).parent)
+    return result
+
+
+def _rescaled(cfg: DictConfig, checkpoint: dict, scaling: str, factor: int) -> Transformer:
+    """The checkpoint's model rebuilt with RoPE ``scaling`` at ``factor`` (the weights are the same)."""
+    model_cfg = OmegaConf.to_container(cfg.model)
+    model_cfg["position"].update(scaling=scaling, factor=float(factor))
+    model = build_model(model_cfg)
+    model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
+    device = next(iter(checkpoint["state_dict"].values())).device
+    return model.to(device).eval()
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown table: one row per length (loss, bpb, or where the scheme stops)."""
+    lines = ["| factor | length | val loss | val bpb |", "|---|---|---|---|"]
+    for k, length, loss, bpb in zip(result["factors"], result["lengths"], result["val_loss"],
+                                    result["val_bpb"]):
+        cells = ("n/a", "n/a") if loss is None else (f"{loss:.4f}", f"{bpb:.4f}")
+        lines.append(f"| {k}x | {length} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def _write(result: dict[str, Any], folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scaling = result["rope_scaling"]
+    stem = "extrapolation" + ("" if scaling == "none" else f"_{scaling}")
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = result["position"] + ("" if scaling == "none" else f" ({scaling} scaling)")
+    text = (f"# Length extrapolation: {title}\n\n{result['ckpt_path']}, trained at {result['train_len']} "
+            f"tokens; each length predicts the same {result['tokens']:,} validation tokens.\n\n"
+            f"{table(result)}\n")
+    if result["note"]:
+        text += f"\n{result['note']}.\n"
+    (folder / f"{stem}.md").write_text(text)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    points = [(x, y) for x, y in zip(result["lengths"], result["val_loss"]) if y is not None]
+    ax.plot(*zip(*points), marker="o", label=title)
+    ax.axvline(result["train_len"], color="grey", linestyle=":", label="training context")
+    ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="validation loss (nats/token)",
+           title="Length extrapolation")
+    ax.set_xticks(result["lengths"], [str(x) for x in result["lengths"]])
+    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / f"{stem}.png", dpi=120)
+    plt.close(fig)
+    return [str(folder / f"{stem}.{ext}") for ext in ("json", "md", "png")]
+
+
+def extrapolate_mode(cfg: DictConfig) -> dict[str, Any]:
+    """``python eval.py ckpt_path=PATH mode=extrapolate [rope_scaling=linear|ntk]``."""
+    if not cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path is required, e.g. python eval.py mode=extrapolate "
+                         "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt")
+    factors = OmegaConf.to_container(cfg.factors) if OmegaConf.is_list(cfg.factors) else cfg.factors
+    result = extrapolate(cfg.ckpt_path, factors, cfg.extrapolate_tokens, cfg.rope_scaling, cfg.device)
+    print(f"{result['ckpt_path']}: trained at {result['train_len']} tokens, {result['tokens']:,} "
+          f"validation tokens per length\n{table(result)}")
+    if result["note"]:
+        print(result["note"])
+    print(f"written: {', '.join(result['files'])}")
+    return result

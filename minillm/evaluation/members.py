@@ -1,0 +1,195 @@
+"""Read a sweep directory (``python train.py -m ...``) into one ``Member`` per run.
+
+Each run of a sweep leaves ``DIR/<n>/``: ``.hydra/overrides.yaml`` (what makes it a member),
+``config.yaml`` (resolved config with parameter counts), ``metrics.jsonl`` (one line per
+validation), ``status.json`` (``minillm.training.sweep.RunStatus``) and ``checkpoints/``.
+
+A member's status is ``diverged`` when any recorded loss is not finite, ``failed`` when its job
+raised (or it never validated), ``ok`` when its job completed (or, without ``status.json``, its
+history reached ``trainer.max_steps``), and ``unfinished`` otherwise (still running, or killed).
+"""
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from minillm.model import build_model
+from minillm.training.throughput import flops_per_token
+
+STATUSES = ("ok", "unfinished", "failed", "diverged")
+
+
+@dataclass
+class Member:
+    """One run of a sweep: its overrides, status, validation history and size figures."""
+
+    path: Path
+    name: str
+    overrides: dict[str, str]
+    status: str = "ok"
+    note: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    params: int | None = None
+    active_params: int | None = None
+    flops_per_token: float | None = None
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """``checkpoints/last.ckpt`` (the weights at the end of the budget), if written."""
+        path = self.path / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+
+    @property
+    def seed(self) -> str | None:
+        """The member's seed as its override says, else as its config says."""
+        if "seed" in self.overrides:
+            return self.overrides["seed"]
+        return None if self.config is None else str(self.config.get("seed"))
+
+    def final(self, key: str) -> float | None:
+        """``key`` of the last validation record (NaN stays NaN: a diverged run shows it)."""
+        value = self.history[-1].get(key) if self.history else None
+        return None if value is None else float(value)
+
+    def summary(self) -> dict[str, float | None]:
+        """Final val loss, ppl, bpb and tokens; median tokens/s; peak memory over the run."""
+        speeds = [h["tokens_per_sec"] for h in self.history if h.get("tokens_per_sec")]
+        memory = [h["peak_memory_mb"] for h in self.history if h.get("peak_memory_mb")]
+        loss = self.final("val_loss")
+        return {
+            "val_loss": loss,
+            "val_ppl": None if loss is None else (math.exp(loss) if loss < 700 else math.inf),
+            "val_bpb": self.final("val_bpb"),
+            "tokens": self.final("tokens"),
+            "params": self.params,
+            "active_params": self.active_params,
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_sec": statistics.median(speeds) if speeds else None,
+            "peak_memory_mb": max(memory) if memory else None,
+        }
+
+
+def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """``["model/position=rope", "+x=1"]`` -> ``{"model/position": "rope", "x": "1"}``."""
+    out = {}
+    for line in lines:
+        key, _, value = str(line).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        try:
+            history.append(json.loads(line))  # json reads NaN and Infinity
+        except json.JSONDecodeError:
+            pass  # a line cut short by a killed run
+    return history
+
+
+def _read_config(run: Path) -> dict[str, Any] | None:
+    """``config.yaml`` (resolved by train.py), else Hydra's composed ``.hydra/config.yaml``."""
+    for path in (run / "config.yaml", run / ".hydra" / "config.yaml"):
+        if path.is_file():
+            cfg = OmegaConf.load(path)
+            try:
+                return OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # interpolations that need Hydra (run_dir, hydra:...): keep them raw
+                return OmegaConf.to_container(cfg, resolve=False)
+    return None
+
+
+_SIZES: dict[str, tuple[int, int, float]] = {}
+
+
+def model_sizes(config: dict[str, Any]) -> tuple[int, int, float]:
+    """(parameters, active parameters, training FLOPs per token) of a run config's model."""
+    key = json.dumps([config["model"], config["data"].get("seq_len")], sort_keys=True, default=str)
+    if key not in _SIZES:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = build_model(config["model"])
+        seq_len = int(config["data"].get("seq_len") or config["model"]["max_seq_len"])
+        _SIZES[key] = (model.num_params(), model.num_params(active=True), flops_per_token(model, seq_len))
+    return _SIZES[key]
+
+
+def _status(member: Member) -> tuple[str, str]:
+    """(status, note) of a member from its status file, history and config."""
+    status_file = member.path / "status.json"
+    job = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    bad = [h["step"] for h in member.history
+           if any(h.get(k) is not None and not math.isfinite(h[k]) for k in ("val_loss", "train_loss"))]
+    if bad:
+        return "diverged", f"loss not finite from step {bad[0]}"
+    if job.get("status") == "failed":
+        return "failed", job.get("error", "")
+    if not member.history:
+        if job.get("status") == "completed":
+            return "failed", "completed without a validation (trainer.val_check_interval > max_steps?)"
+        return "unfinished", "no validation recorded yet"
+    max_steps = ((member.config or {}).get("trainer") or {}).get("max_steps")
+    last = member.history[-1].get("step", 0)
+    if job.get("status") == "completed" or (not job and isinstance(max_steps, int) and last >= max_steps):
+        return "ok", ""
+    return "unfinished", f"stopped at step {last}" + (f" of {max_steps}" if max_steps else "")
+
+
+def _sort_key(path: Path) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts)
+
+
+def read_sweep(sweep_dir: str | Path) -> list[Member]:
+    """Every run under ``sweep_dir`` (a directory holding ``.hydra/overrides.yaml``), in job order."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise ValueError(f"sweep_dir={str(sweep_dir)!r} is not a directory (python train.py -m ... "
+                         "writes one under multirun/)")
+    runs = sorted((p.parent.parent for p in root.rglob(".hydra/overrides.yaml")),
+                  key=lambda p: _sort_key(p.relative_to(root)))
+    if not runs:
+        raise ValueError(f"sweep_dir={str(sweep_dir)!r} holds no runs (each run of a sweep has "
+                         "<sweep_dir>/<n>/.hydra/overrides.yaml)")
+    members = []
+    for run in runs:
+        overrides = parse_overrides(yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or [])
+        member = Member(run, str(run.relative_to(root)), overrides,
+                        history=_read_history(run / "metrics.jsonl"), config=_read_config(run))
+        if member.config is not None:
+            member.params = member.config.get("num_params")
+            member.active_params = member.config.get("num_params_active")
+            try:
+                params, active, flops = model_sizes(member.config)
+                member.params, member.active_params, member.flops_per_token = params, active, flops
+            except Exception as e:  # an unbuildable model (the reason it failed, perhaps): no sizes
+                member.note = f"model not buildable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        status, note = _status(member)
+        member.status, member.note = status, "; ".join(n for n in (note, member.note) if n)
+        members.append(member)
+    return members
+
+
+def swept_keys(members: list[Member], sweep_dir: str | Path) -> list[str]:
+    """The keys the sweep varies, without ``seed``: those in ``hydra.sweeper.params`` of
+    ``multirun.yaml``, then any other override whose value differs between members."""
+    keys: list[str] = []
+    multirun = Path(sweep_dir) / "multirun.yaml"
+    if multirun.is_file():
+        params = (((yaml.safe_load(multirun.read_text()) or {}).get("hydra") or {})
+                  .get("sweeper") or {}).get("params") or {}
+        keys += [str(k).lstrip("+~") for k in params]
+    for member in members:
+        for key in member.overrides:
+            if key not in keys and len({m.overrides.get(key) for m in members}) > 1:
+                keys.append(key)
+    return [k for k in keys if k != "seed"]

@@ -1,0 +1,172 @@
+"""``validate(cfg)``: every configuration error of a training run, found before data is prepared or
+compute is spent, as a ``ValueError`` naming the key, its value and what would be valid.
+
+The model is built on the meta device (no memory, no init cost), so each component's own
+constructor checks apply (sizes that do not divide, n_kv_heads, RoPE head size, MoE routing
+settings); the data module's constructor checks its keys without reading data; the optimizer and
+scheduler are built on the meta parameters. On top of those, checks that span groups: the model's
+vocabulary against the tokenizer's, the training context against a learned position table, the
+accumulation settings against validation and checkpoint boundaries, the trainer against the
+hardware, and a resumed checkpoint against the model it must load into.
+"""
+
+import typing
+from itertools import islice
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from minillm.checkpoint import model_state_dict, read_checkpoint
+from minillm.model import Transformer, build_model
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ValueError for the first configuration error of the run ``cfg`` describes."""
+    check_trainer(cfg.trainer)
+    max_skips = OmegaConf.select(cfg, "nonfinite.max_skips", default=0)
+    _int(max_skips, "nonfinite.max_skips", minimum=0)
+    datamodule = _instantiate(cfg.data)  # checks data.* (no data is read)
+    model = meta_model(cfg.model)
+    check_vocab(model, datamodule)
+    check_context(model, datamodule.seq_len)
+    check_optimization(cfg, model)
+    if cfg.get("ckpt_path") is not None:
+        from minillm.training.run import resolve_run_dir, resume_path  # Lightning: only when resuming
+
+        check_resume(resume_path(cfg.ckpt_path, resolve_run_dir(cfg)), model, cfg.model)
+
+
+def _int(value, key: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
+
+
+def _instantiate(node: DictConfig):
+    """``instantiate``, with a constructor's ValueError passed through as itself."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise ValueError(str(cause)) from None
+        raise
+
+
+def _precisions() -> list[str]:
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    def flat(t):
+        args = typing.get_args(t)
+        return [a for arg in args for a in flat(arg)] if args else [t]
+
+    return list(dict.fromkeys(str(p) for p in flat(_PRECISION_INPUT)))
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Accelerator and devices that exist, a known precision, and accumulation that keeps
+    validation (and so checkpoints) on optimizer-step boundaries."""
+    accelerator = trainer.get("accelerator", "auto")
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"trainer.accelerator={accelerator!r} is not one of {list(ACCELERATORS)}")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"trainer.accelerator={accelerator} but no CUDA device is available; "
+                             "use trainer=cpu")
+        devices = trainer.get("devices", 1)
+        if isinstance(devices, int) and devices > torch.cuda.device_count():
+            raise ValueError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) are available; valid: 1..{torch.cuda.device_count()} or -1")
+    precision = str(trainer.get("precision", "32-true"))
+    if precision not in _precisions():
+        raise ValueError(f"trainer.precision={precision!r} is not one of {_precisions()}")
+    for key in ("max_steps", "accumulate_grad_batches", "log_every_n_steps"):
+        _int(trainer.get(key, 1), f"trainer.{key}")
+    accumulate, interval = trainer.get("accumulate_grad_batches", 1), trainer.get("val_check_interval")
+    _int(interval, "trainer.val_check_interval")  # micro-batches: the training stream is endless
+    if interval % accumulate:
+        multiples = [accumulate * i for i in range(1, 4)]
+        raise ValueError(
+            f"trainer.val_check_interval={interval} is not a multiple of "
+            f"trainer.accumulate_grad_batches={accumulate}: validation and checkpoints would fall "
+            f"inside an accumulation window, which a resume cannot replay; valid: {multiples}, ...")
+
+
+def meta_model(model_cfg: DictConfig) -> Transformer:
+    """The model built on the meta device: its constructors' checks, without memory or init time."""
+    try:
+        with torch.device("meta"):
+            return build_model(model_cfg)
+    except (NotImplementedError, RuntimeError):  # a component that cannot live on meta
+        return build_model(model_cfg)
+
+
+def check_vocab(model: Transformer, datamodule) -> None:
+    """The embedding table must hold every id the tokenizer can emit (it has at most data.vocab_size)."""
+    if model.vocab_size < datamodule.vocab_size:
+        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than data.vocab_size="
+                         f"{datamodule.vocab_size}: token ids up to {datamodule.vocab_size - 1} would "
+                         "have no embedding; valid: model.vocab_size >= data.vocab_size "
+                         "(the default is ${data.vocab_size})")
+
+
+def check_context(model: Transformer, seq_len: int) -> None:
+    """Training windows must fit a position scheme that has a length limit (a learned table)."""
+    max_len = model.position.max_len
+    if max_len is not None and seq_len > max_len:
+        raise ValueError(f"data.seq_len={seq_len} is longer than the {type(model.position).__name__} "
+                         f"position table (model.max_seq_len={max_len}); valid: data.seq_len <= "
+                         f"{max_len}, or raise model.max_seq_len")
+
+
+def check_optimization(cfg: DictConfig, model: Transformer) -> None:
+    """Build the optimizer and the scheduler on the meta parameters: their constructors' checks."""
+    from minillm.training.module import param_groups
+
+    factory = _instantiate(cfg.optimizer)
+    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+    try:
+        optimizer = factory(param_groups(model, weight_decay))
+    except ValueError as e:
+        options = {k: v for k, v in OmegaConf.to_container(cfg.optimizer).items() if k[0] != "_"}
+        raise ValueError(f"optimizer: {e} (optimizer settings: {options})") from None
+    try:
+        _instantiate(cfg.scheduler)(optimizer)
+    except InstantiationException as e:  # a partial's call errors are wrapped too
+        raise ValueError(str(e.__cause__ or e)) from None
+
+
+def check_resume(path: str, model: Transformer, model_cfg: DictConfig) -> None:
+    """The checkpoint must be a full training checkpoint whose weights fit this model."""
+    checkpoint = read_checkpoint(path, mmap=True)  # memory-mapped: reading it costs no copy
+    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
+        raise ValueError(f"ckpt_path={path!r} holds weights only (no optimizer or loop state): "
+                         "training cannot resume from it")
+    saved = {k: tuple(v.shape) for k, v in model_state_dict(checkpoint["state_dict"]).items()}
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mismatch = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if mismatch:
+        key = mismatch[0]
+        differs = _differences(checkpoint["config"].get("model", {}),
+                               OmegaConf.to_container(model_cfg, resolve=True))
+        raise ValueError(f"ckpt_path={path!r} does not fit the configured model: {key} is "
+                         f"{saved.get(key, 'missing')} in the checkpoint, {wanted.get(key, 'absent')} "
+                         f"here ({len(mismatch)} tensors differ); config differences: "
+                         f"{differs or 'none found'}")
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "model.") -> list[str]:
+    """``key: saved -> configured`` for the first few differing leaves of two config dicts."""
+    out = []
+    for key in sorted(saved.keys() | wanted.keys()):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return list(islice(out, 5))

@@ -1,0 +1,25 @@
+"""Tiny models assembled straight from the component YAML files, for fast CPU tests."""
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONFIGS
+from minillm.model import Transformer
+
+
+def component(group: str, name: str, **overrides):
+    """The ``_partial_`` factory that ``configs/model/<group>/<name>.yaml`` describes."""
+    cfg = OmegaConf.load(CONFIGS / "model" / group / f"{name}.yaml")
+    return instantiate(OmegaConf.merge(cfg, overrides))
+
+
+def tiny_model(attention: str = "gqa", position: str = "rope", ffn: str = "swiglu",
+               norm: str = "rmsnorm", backend: str | None = None, d_model: int = 32,
+               n_layers: int = 2, n_heads: int = 4, vocab_size: int = 64,
+               max_seq_len: int = 32) -> Transformer:
+    """A small (~50K-parameter dense) ``Transformer`` from one option per component group."""
+    attn = {} if backend is None else {"backend": backend}
+    return Transformer(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       max_seq_len=max_seq_len, attention=component("attention", attention, **attn),
+                       position=component("position", position), ffn=component("ffn", ffn),
+                       norm=component("norm", norm)).eval()
