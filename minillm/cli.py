@@ -27,13 +27,24 @@ def config_errors() -> Iterator[None]:
         yield
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _exit_unless_multirun(1, e)
     except (ValueError, InstantiationException, DataUnavailableError) as e:
         cause: BaseException = e
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
         print(f"error: {_one_line(str(cause))}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_unless_multirun(2, e)
+
+
+def _exit_unless_multirun(code: int, error: Exception) -> None:
+    """Exit with ``code``; inside a Hydra multirun re-raise instead, so that Hydra records this job
+    as failed (its status file says why) and the sweep's other jobs still run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise error
+    raise SystemExit(code) from None
 
 
 @contextmanager

@@ -69,6 +69,7 @@ def reference(moe: MoE, x3: torch.Tensor) -> tuple[torch.Tensor, int]:
 def test_output_matches_per_token_reference(routing, kernel):
     opts = {"top_k": K} | ROUTING[routing]
     moe = MoE(C, E, d_expert=F_, dispatch=kernel, **opts).eval()
+    moe.train(routing == "capacity")  # capacity is a training-time budget; evaluation is dropless
     if moe.router.expert_bias is not None:  # a bias large enough to change choices
         moe.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
     x = torch.randn(3, 8, C)
@@ -79,6 +80,9 @@ def test_output_matches_per_token_reference(routing, kernel):
     assert moe.stats["dropped"].item() == dropped
     if routing == "capacity":
         assert dropped > 0  # the case exercises dropping
+        with torch.no_grad():
+            moe.eval()(x)
+        assert moe.stats["dropped"].item() == 0  # evaluation and decoding drop nothing
 
 
 def test_aux_free_bias_changes_choice_not_gates():

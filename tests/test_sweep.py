@@ -158,13 +158,17 @@ def test_a_run_that_really_diverges_is_reported_as_diverged(tmp_path):
     import train
 
     run = tmp_path / "sweep" / "0"
-    train.main(compose_cfg(SWEEP + [f"run_dir={run}", f"data.cache_dir={tmp_path.parent / 'data_cache'}",
-                                    "optimizer.lr=1e6", "scheduler.min_lr=1e5", "trainer.gradient_clip_val=null"]))
+    with pytest.raises(SystemExit) as stopped:  # the non-finite loss stops the run (exit code 1)
+        train.main(compose_cfg(SWEEP + [f"run_dir={run}", f"data.cache_dir={tmp_path.parent / 'data_cache'}",
+                                        "optimizer.lr=1e6", "scheduler.min_lr=1e5",
+                                        "trainer.gradient_clip_val=null"]))
+    assert stopped.value.code == 1
     (run / ".hydra").mkdir()
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["optimizer.lr=1e6"]))
     result = _eval("mode=report", f"sweep_dir={run.parent}", "extrapolate=false")
     assert [r["status"] for r in result["members"]] == ["diverged"]
-    assert math.isnan(result["members"][0]["val_loss"])
+    val_loss = result["members"][0]["val_loss"]  # stopped before its first validation
+    assert val_loss is None or math.isnan(val_loss)
 
 
 def test_extrapolation_stops_where_the_scheme_does(sweep, tmp_path):

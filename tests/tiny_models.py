@@ -1,16 +1,23 @@
 """Tiny models assembled straight from the component YAML files, for fast CPU tests."""
 
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from functools import lru_cache
 
-from conftest import CONFIGS
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from conftest import compose_cfg
 from minillm.model import Transformer
+
+
+@lru_cache(maxsize=None)
+def _composed(group: str, name: str) -> DictConfig:
+    """``configs/model/<group>/<name>.yaml`` as Hydra composes it (its own defaults included)."""
+    return compose_cfg([f"model/{group}={name}", "data.vocab_size=64"]).model[group]
 
 
 def component(group: str, name: str, **overrides):
     """The ``_partial_`` factory that ``configs/model/<group>/<name>.yaml`` describes."""
-    cfg = OmegaConf.load(CONFIGS / "model" / group / f"{name}.yaml")
-    return instantiate(OmegaConf.merge(cfg, overrides))
+    return instantiate(OmegaConf.merge(_composed(group, name), overrides))
 
 
 def tiny_model(attention: str = "gqa", position: str = "rope", ffn: str = "swiglu",

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from minillm.evaluation.attention import attention
 from minillm.evaluation.experts import expert_load
+from minillm.evaluation.export import export
 from minillm.evaluation.extrapolate import extrapolate_mode
 from minillm.evaluation.loss import evaluate_loss
 from minillm.evaluation.report import report
@@ -22,6 +23,7 @@ MODES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "extrapolate": extrapolate_mode,
     "attention": attention,
     "experts": expert_load,
+    "export": export,
 }
 
 

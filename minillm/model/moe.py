@@ -8,7 +8,8 @@ takes at most ``ceil(capacity_factor * N * K / E)`` assignments of the batch; ea
 have priority (then earlier sequences, then a token's better choices), so routing never depends on
 later positions and the layer stays causal (GShard's "first choices first" would not be). The
 overflow is dropped (its gate is zeroed, the token keeps its residual) and counted in
-``stats["dropped"]``.
+``stats["dropped"]``. Capacity applies while training only: evaluation and KV-cache decoding are
+dropless.
 
 Auxiliary losses (the ``model/ffn`` contract in ``ffn.py``), present only when their coefficient
 is non-zero: ``aux_losses["load_balance"] = aux_loss_coef * balance_loss`` (Mixtral's form for this
@@ -79,7 +80,10 @@ class MoE(nn.Module):
             0, flat, torch.ones_like(flat))  # (E,) on device: no host sync
         self.router.record_load(counts)
         batch = shape[0] if len(shape) == 3 else 1  # B of (B, T, C): capacity priority is by position
-        out, dropped = self.combine(x, r, flat, counts, batch)
+        # Capacity is a training-time budget: evaluation and KV-cache decoding (one token per step,
+        # so no competition for slots) run dropless, which keeps cached and full decoding equal.
+        combine = self.combine if self.training else self._dropless
+        out, dropped = combine(x, r, flat, counts, batch)
         if self.shared is not None:
             out = out + self.shared(x)
         self._losses_and_stats(r, counts, dropped)

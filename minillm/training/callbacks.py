@@ -110,6 +110,18 @@ class MetricsHistory(L.Callback):
             "peak_memory_mb": _float(metrics.get("train/peak_memory_mb")),
             "elapsed_s": round(time.perf_counter() - self.start, 3),
         }
+        self._append(record)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A run stopped by a non-finite loss ends its history with that loss, so a sweep report
+        shows it as diverged rather than unfinished."""
+        from minillm.training.module import NonFiniteError
+
+        if isinstance(exception, NonFiniteError) and trainer.is_global_zero:
+            self._append({"step": trainer.global_step, "tokens": getattr(pl_module, "tokens_seen", None),
+                          "train_loss": float("nan"), "stopped": str(exception).split(":")[0]})
+
+    def _append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
