@@ -112,7 +112,7 @@ def test_flops_per_token_and_mfu_match_the_formula_by_hand():
                        "model.max_seq_len=16", "data.vocab_size=512"])
     moe = build_model(cfg.model)
     ffn = moe.blocks[0].ffn
-    expert = sum(p.numel() for p in (ffn.w_gate_up, ffn.w_down)) // ffn.n_experts
+    expert = sum(p.numel() for p in ffn.experts.parameters()) // ffn.n_experts  # one routed expert
     active = moe.num_params() - 2 * (ffn.n_experts - ffn.top_k) * expert
     assert moe.num_params(active=True) == active
     assert flops_per_token(moe, 16) == 6 * active + 12 * 2 * 2 * 16 * 16
