@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from minillm.data.cache import atomic_write
 from minillm.training.throughput import flops_per_token, peak_flops
 
 
@@ -71,7 +72,6 @@ class ThroughputMonitor(L.Callback):
     def _restart(self, pl_module: L.LightningModule) -> None:
         self._window = (pl_module.tokens_seen, time.perf_counter())
 
-from minillm.data.cache import atomic_write
 
 
 class MetricsHistory(L.Callback):
