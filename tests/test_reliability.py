@@ -3,6 +3,7 @@ non-finite losses, untrusted checkpoint files, compiled <-> eager checkpoints.""
 
 import itertools
 import json
+import math
 import os
 import pickle
 import runpy
@@ -47,7 +48,7 @@ def _train(run_dir: Path, cache: Path, *extra: str):
 def _history(run_dir: Path) -> list[dict]:
     keys = ("step", "tokens", "val_loss", "train_loss")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: json.loads(line)[k] for k in keys} for line in lines]
+    return [{k: json.loads(line).get(k) for k in keys} for line in lines]
 
 
 def _ckpt(run_dir: Path, name: str = "last") -> dict:
@@ -212,7 +213,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path
     last = _ckpt(tmp_path)
     assert last["global_step"] == 6
     check_finite(last["state_dict"], 6)
-    assert [h["step"] for h in _history(tmp_path)] == [3, 6]
+    history = _history(tmp_path)  # two validations, then the stop (so a sweep report says diverged)
+    assert [h["step"] for h in history[:2]] == [3, 6] and len(history) == 3
+    assert history[2]["val_loss"] is None and math.isnan(history[2]["train_loss"])
 
 
 def test_skipped_nonfinite_batches_make_no_update(cache, tmp_path, monkeypatch):
