@@ -15,11 +15,11 @@ from itertools import islice
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.checkpoint import model_state_dict, read_checkpoint
 from minillm.model import Transformer, build_model
+from minillm.model.build import instantiate_checked
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -29,7 +29,7 @@ def validate(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     max_skips = OmegaConf.select(cfg, "nonfinite.max_skips", default=0)
     _int(max_skips, "nonfinite.max_skips", minimum=0)
-    datamodule = _instantiate(cfg.data)  # checks data.* (no data is read)
+    datamodule = instantiate_checked(cfg.data)  # checks data.* (no data is read)
     model = meta_model(cfg.model)
     check_vocab(model, datamodule)
     check_context(model, datamodule.seq_len)
@@ -43,19 +43,6 @@ def validate(cfg: DictConfig) -> None:
 def _int(value, key: str, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
-
-
-def _instantiate(node: DictConfig):
-    """``instantiate``, with a constructor's ValueError passed through as itself."""
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        cause = e.__cause__
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, ValueError):
-            raise ValueError(str(cause)) from None
-        raise
 
 
 def _precisions() -> list[str]:
@@ -128,7 +115,7 @@ def check_optimization(cfg: DictConfig, model: Transformer) -> None:
     """Build the optimizer and the scheduler on the meta parameters: their constructors' checks."""
     from minillm.training.module import param_groups
 
-    factory = _instantiate(cfg.optimizer)
+    factory = instantiate_checked(cfg.optimizer)
     weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
     try:
         optimizer = factory(param_groups(model, weight_decay))
@@ -136,7 +123,7 @@ def check_optimization(cfg: DictConfig, model: Transformer) -> None:
         options = {k: v for k, v in OmegaConf.to_container(cfg.optimizer).items() if k[0] != "_"}
         raise ValueError(f"optimizer: {e} (optimizer settings: {options})") from None
     try:
-        _instantiate(cfg.scheduler)(optimizer)
+        instantiate_checked(cfg.scheduler)(optimizer)
     except InstantiationException as e:  # a partial's call errors are wrapped too
         raise ValueError(str(e.__cause__ or e)) from None
 

@@ -16,8 +16,14 @@ def build_model(model_cfg: DictConfig | dict[str, Any]) -> Transformer:
     """
     if isinstance(model_cfg, dict):
         model_cfg = OmegaConf.create(model_cfg)
+    return instantiate_checked(model_cfg)
+
+
+def instantiate_checked(node: DictConfig) -> Any:
+    """Hydra's ``instantiate``, with a constructor's ValueError re-raised as itself (Hydra wraps it
+    in an InstantiationException whose message buries the one line that names the setting)."""
     try:
-        return instantiate(model_cfg)
+        return instantiate(node)
     except InstantiationException as e:
         cause = e.__cause__
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
