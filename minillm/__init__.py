@@ -1,6 +1,6 @@
 """minillm: small decoder-only language models, assembled from pluggable parts."""
 
-from minillm import generate  # a callable module: minillm.generate(model, prompt_ids, ...)
+from minillm.generation import generate
 from minillm.model import KVCache, Transformer, build_model
 
 __all__ = ["KVCache", "LoadedCheckpoint", "Transformer", "build_model", "export_hf", "from_hf",

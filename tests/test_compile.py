@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_cfg
 from minillm import build_model
-from minillm.generate import generate
+from minillm.generation import generate
 
 
 def tiny_preset():

@@ -7,7 +7,7 @@ import torch
 
 import minillm
 from conftest import options
-from minillm.generate import filter_logits, generate
+from minillm.generation import filter_logits, generate
 from minillm.model import KVCache
 from tiny_models import tiny_model
 

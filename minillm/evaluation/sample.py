@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from minillm.data import EOT
 from minillm.evaluation.loading import load
-from minillm.generate import generate
+from minillm.generation import generate
 
 
 def _check(cfg: DictConfig) -> None:

@@ -19,8 +19,6 @@ Example::
                        top_p=0.95, eos_id=eos_id, seed=0, stream=lambda row, tok: ...)
 """
 
-import sys
-import types
 import warnings
 from typing import Callable
 
@@ -131,14 +129,3 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
                 break
         ids, fresh = torch.cat([ids, nxt[:, None]], dim=1), nxt[:, None]
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``minillm.generate(model, ...)`` call ``generate`` while ``minillm.generate.generate``,
-    ``minillm.generate.filter_logits`` and ``import minillm.generate`` keep naming this module."""
-
-    def __call__(self, *args, **kwargs) -> list[list[int]]:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
