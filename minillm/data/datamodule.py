@@ -30,6 +30,12 @@ def batch_seed(seed: int, block: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _worker() -> tuple[int, int]:
+    """(this DataLoader worker's id, number of workers); (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
 def _open(path: str, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
@@ -53,8 +59,7 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         tokens = _open(self.path, self.dtype)
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, n_workers = _worker()
         for n in count(self.start_batch + worker, n_workers):
             yield self.batch(tokens, n)
 
@@ -83,8 +88,7 @@ class ValBatches(IterableDataset):
 
     def __iter__(self):
         tokens = _open(self.path, self.dtype)
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, n_workers = _worker()
         for i in range(worker, len(self), n_workers):
             yield self.batch(tokens, i)
 
