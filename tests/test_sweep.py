@@ -161,7 +161,8 @@ def test_a_run_that_really_diverges_is_reported_as_diverged(tmp_path):
     with pytest.raises(SystemExit) as stopped:  # the non-finite loss stops the run (exit code 1)
         train.main(compose_cfg(SWEEP + [f"run_dir={run}", f"data.cache_dir={tmp_path.parent / 'data_cache'}",
                                         "optimizer.lr=1e6", "scheduler.min_lr=1e5",
-                                        "trainer.gradient_clip_val=null"]))
+                                        "trainer.gradient_clip_val=null",
+                                        "callbacks.progress_bar.refresh_rate=0"]))  # no bar left open
     assert stopped.value.code == 1
     (run / ".hydra").mkdir()
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["optimizer.lr=1e6"]))
