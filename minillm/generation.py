@@ -100,7 +100,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     ids, pad = _left_pad(prompt_ids, device)
     B, padded = ids.shape[0], len({len(p) for p in prompt_ids}) > 1
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B  # rows that produced eos_id: a host list, read without device syncs
     cache, fresh = None, ids  # ``fresh``: tokens not yet in the cache
     for _ in range(max_new_tokens):
         if ids.shape[1] > window:  # slide: keep the last half window, rebuild the cache
@@ -116,16 +116,14 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         else:
             logits = model(ids)[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(done, eos_id)
-        for b, tok in enumerate(nxt.tolist()):
-            if not done[b]:
-                out[b].append(tok)
-                if stream is not None:
-                    stream(b, tok)
-        if eos_id is not None:
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
+        for b, tok in enumerate(nxt.tolist()):  # the step's one host sync
+            if done[b]:
+                continue  # a finished row keeps decoding in the batch; its tokens are dropped
+            out[b].append(tok)
+            done[b] = tok == eos_id
+            if stream is not None:
+                stream(b, tok)
+        if all(done):
+            break
         ids, fresh = torch.cat([ids, nxt[:, None]], dim=1), nxt[:, None]
     return out
