@@ -22,13 +22,14 @@ from minillm.model import Transformer, build_model
 from minillm.model.build import instantiate_checked
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+NONFINITE_CHECKS = ("auto", "step", "log")
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ValueError for the first configuration error of the run ``cfg`` describes."""
     check_trainer(cfg.trainer)
-    max_skips = OmegaConf.select(cfg, "nonfinite.max_skips", default=0)
-    _int(max_skips, "nonfinite.max_skips", minimum=0)
+    check_nonfinite(OmegaConf.select(cfg, "nonfinite.max_skips", default=0),
+                    OmegaConf.select(cfg, "nonfinite.check", default="auto"))
     datamodule = instantiate_checked(cfg.data)  # checks data.* (no data is read)
     model = meta_model(cfg.model)
     check_vocab(model, datamodule)
@@ -38,6 +39,16 @@ def validate(cfg: DictConfig) -> None:
         from minillm.training.run import resolve_run_dir, resume_path  # Lightning: only when resuming
 
         check_resume(resume_path(cfg.ckpt_path, resolve_run_dir(cfg)), model, cfg.model)
+
+
+def check_nonfinite(max_skips, check) -> None:
+    """``nonfinite.max_skips`` (>= 0) and ``nonfinite.check`` (auto, step or log; log cannot skip)."""
+    _int(max_skips, "nonfinite.max_skips", minimum=0)
+    if check not in NONFINITE_CHECKS:
+        raise ValueError(f"nonfinite.check={check!r} must be one of {', '.join(NONFINITE_CHECKS)}")
+    if check == "log" and max_skips:
+        raise ValueError(f"nonfinite.check=log cannot skip batches (nonfinite.max_skips={max_skips}): "
+                         "skipping needs every batch checked; use nonfinite.check=step or auto")
 
 
 def _int(value, key: str, minimum: int = 1) -> None:

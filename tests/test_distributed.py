@@ -209,6 +209,12 @@ def test_nonfinite_check_on_gpu_reads_the_device_only_at_log_steps(monkeypatch):
     assert reads == [2, 5]
     module._device = torch.device("cpu")  # on CPU: every micro-batch, before its update
     assert not module._finite(nan) and reads == [2, 5, 5]
+    module.nonfinite_check = "log"  # asked for: at log steps on CPU too
+    module.trainer.global_step = 6
+    assert module._finite(nan) and reads == [2, 5, 5]
+    module._device, module.nonfinite_check = torch.device("cuda", 0), "step"  # every step on a GPU
+    module._nonfinite = None
+    assert module._finite(one) and reads == [2, 5, 5, 6]
 
 
 @pytest.mark.parametrize("env, zero", [

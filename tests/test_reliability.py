@@ -148,6 +148,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     (["optimizer.lr=-1"], "Invalid learning rate: -1"),
     (["scheduler.warmup_steps=12"], "scheduler.warmup_steps=12 must be in [0, scheduler.max_steps=12)"),
     (["nonfinite.max_skips=-1"], "nonfinite.max_skips=-1"),
+    (["nonfinite.check=often"], "nonfinite.check='often' must be one of auto, step, log"),
+    (["nonfinite.check=log", "nonfinite.max_skips=2"], "nonfinite.check=log cannot skip batches (nonfinite.max_skips=2)"),
     (["ckpt_path=last"], "ckpt_path=last: no checkpoint file"),
 ])
 def test_validate_names_the_key_value_and_valid_choices(overrides, message, cache, tmp_path):

@@ -2,11 +2,14 @@
 
 import json
 import math
+import traceback
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY_TRAIN, compose_cfg
 from omegaconf import OmegaConf
+from torch.overrides import TorchFunctionMode
 
 import train
 from minillm.data import generate_stories, load_tokenizer
@@ -146,3 +149,47 @@ def test_every_option_instantiates(group, tmp_path):
             assert trainer.max_steps == cfg.trainer.max_steps
         else:
             assert all(instantiate(c) is not None for c in cfg[group].values())
+
+
+class HostReads(L.Callback):
+    """Records, per micro-batch, whether a tensor value was read on the host (``item``, ``bool``,
+    ``tolist``, ...): on a GPU each such read waits for the device. Reads inside the DataLoader
+    are of host data by construction (the batch reaches the GPU by a non-blocking copy)."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
+    batches: set[int] = set()  # micro-batches (indices) during which a read happened
+
+    def __init__(self) -> None:
+        HostReads.batches = set()
+        self.batch = -1
+        callback = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in HostReads.READS and not any(
+                        "torch/utils/data/" in f.filename for f in traceback.extract_stack()):
+                    HostReads.batches.add(callback.batch)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def on_train_start(self, trainer, pl_module):
+        self.mode.__enter__()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch_idx
+
+    def on_train_end(self, trainer, pl_module):
+        self.mode.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("model", [[], ["model/ffn=moe_auxfree"]], ids=["dense", "moe"])
+def test_the_training_loop_reads_the_device_only_at_log_steps(tmp_path, model):
+    # What trainer=gpu does on a GPU, asked for on CPU: the fused optimizer (on CPU, torch's
+    # default AdamW reads its step count on the host) and the loss checked at log steps.
+    _train(tmp_path / "run", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
+           "trainer.val_check_interval=8", "+optimizer.fused=true", "nonfinite.check=log",
+           "+callbacks.host_reads._target_=test_train.HostReads", *model)
+    # Micro-batches 3, 7 and 11 end log steps (7 also validates and saves, 11 ends the run); the
+    # progress bar, the logged metrics, the throughput and MoE monitors read nothing in between.
+    assert HostReads.batches == {3, 7, 11}

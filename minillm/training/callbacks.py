@@ -1,5 +1,5 @@
 """Callbacks: training throughput (tokens/s, MFU, peak memory) and the validation history, both
-recorded whatever logger is chosen."""
+recorded whatever logger is chosen, and a progress bar that never waits for the device."""
 
 import json
 import resource
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from minillm.data.cache import atomic_write
@@ -72,6 +73,36 @@ class ThroughputMonitor(L.Callback):
     def _restart(self, pl_module: L.LightningModule) -> None:
         self._window = (pl_module.tokens_seen, time.perf_counter())
 
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing train/loss and train/lr as read at log steps only.
+
+    Lightning turns every metric logged with ``prog_bar=True`` into a Python number after every
+    batch: on a GPU, a host-device sync per step. So the training module logs nothing with
+    ``prog_bar``; this bar reads ``SHOWN`` from the logged metrics once per optimizer step that the
+    logger writes (every ``trainer.log_every_n_steps``, when Lightning reads them anyway) and shows
+    those numbers until the next log step, however often it redraws.
+    """
+
+    SHOWN = ("train/loss", "train/lr")
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self._shown: dict[str, float] = {}
+        self._read_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        if self.is_enabled and every and step and step % every == 0 and step != self._read_step:
+            self._read_step = step
+            metrics = trainer.callback_metrics
+            self._shown = {k: float(metrics[k]) for k in self.SHOWN if k in metrics}
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        return {**super().get_metrics(trainer, pl_module), **self._shown}
 
 
 class MetricsHistory(L.Callback):

@@ -6,9 +6,13 @@ validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation te
 (tokens/s, MFU, peak memory) is the ``ThroughputMonitor`` callback's, from ``tokens_seen``.
 
 Reliability: a non-finite loss stops the run with ``NonFiniteError`` naming the step, before any
-update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradient from them); on a
-GPU without skips it is checked at log steps only, so no step waits for the device; a
-checkpoint is never written from non-finite weights. Checkpoints carry the RNG states, restored at
+update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradient from them); with
+``nonfinite_check="log"`` (``auto``: on a GPU without skips) it is checked at log steps only, so no
+step waits for the device; a checkpoint is never written from non-finite weights.
+
+No device value is read on the host between log steps: nothing is logged with ``prog_bar=True``
+during training, because Lightning converts every progress-bar metric to a Python number after every
+batch; ``callbacks.ProgressBar`` shows the loss instead, read when the bar redraws. Checkpoints carry the RNG states, restored at
 the first training batch after a resume so an interrupted run replays the uninterrupted one exactly.
 """
 
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from minillm.checkpoint import match_state_dict_keys
 from minillm.model import Transformer
 from minillm.training.rng import get_rng_states, set_rng_states
+from minillm.validation import check_nonfinite
 
 
 class NonFiniteError(RuntimeError):
@@ -45,13 +50,16 @@ class LanguageModel(L.LightningModule):
     """Trains a ``Transformer``; checkpoints carry the resolved config and the tokenizer JSON."""
 
     def __init__(self, model: Transformer, optimizer: Callable, scheduler: Callable,
-                 config: dict[str, Any], max_nonfinite_skips: int = 0) -> None:
+                 config: dict[str, Any], max_nonfinite_skips: int = 0,
+                 nonfinite_check: str = "auto") -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config = config  # plain, resolved: stored in every checkpoint
         self.tokens_seen = 0  # all ranks; ThroughputMonitor reads it
         self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
+        check_nonfinite(max_nonfinite_skips, nonfinite_check)
+        self.nonfinite_check = nonfinite_check
         self._nonfinite: Tensor | None = None  # device-side flag since the last check (GPU)
         self._pending_rng: dict[str, Any] | None = None  # restored at the first batch after a resume
         self._progress_step = -1
@@ -70,7 +78,7 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen += y.numel() * self.trainer.world_size
         if not self._finite(total):
             return self._skip_or_stop(total, batch_idx)
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/loss", loss.detach())
         self.log("train/ppl", loss.detach().exp())
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value.detach())
@@ -79,11 +87,12 @@ class LanguageModel(L.LightningModule):
         return total
 
     def _finite(self, total: Tensor) -> bool:
-        """Whether the loss is finite on every rank: a host sync per micro-batch, except on a GPU
-        without skips, where a device-side flag collects the micro-batches and is read at log steps
-        only (Lightning syncs there anyway), so the loop never waits for the device."""
+        """Whether the loss is finite on every rank: a host sync per micro-batch, except when checked
+        at log steps (``nonfinite_check``: log, or auto on a GPU without skips), where a device-side
+        flag collects the micro-batches and is read at log steps only (Lightning syncs there
+        anyway), so the loop never waits for the device."""
         bad = ~torch.isfinite(total.detach())
-        if self.device.type == "cuda" and not self.max_nonfinite_skips:
+        if self._check_at_log_steps():
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
             if (self.global_step + 1) % self.trainer.log_every_n_steps:
                 return True
@@ -91,12 +100,17 @@ class LanguageModel(L.LightningModule):
         finite = not bool(bad.item())
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite and self.device.type == "cuda" and not self.max_nonfinite_skips:
+        if not finite and self._check_at_log_steps():
             raise NonFiniteError(
-                f"non-finite training loss at or before step {self.global_step} (on a GPU checked "
-                "every trainer.log_every_n_steps steps); the last checkpoint is kept (lower "
-                "optimizer.lr; nonfinite.max_skips=N checks every batch and skips such batches)")
+                f"non-finite training loss at or before step {self.global_step} (checked every "
+                "trainer.log_every_n_steps steps); the last checkpoint is kept (lower optimizer.lr; "
+                "nonfinite.check=step stops at the very step, nonfinite.max_skips=N skips such batches)")
         return finite
+
+    def _check_at_log_steps(self) -> bool:
+        if self.nonfinite_check == "auto":
+            return self.device.type == "cuda" and not self.max_nonfinite_skips
+        return self.nonfinite_check == "log"
 
     def _skip_or_stop(self, total: Tensor, batch_idx: int) -> None:
         """Skip this batch (no backward: no gradient from it) while skips remain, else raise
@@ -127,7 +141,7 @@ class LanguageModel(L.LightningModule):
         return True
 
     def _log_progress(self) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/tokens", float(self.tokens_seen))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

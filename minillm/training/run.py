@@ -43,8 +43,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
     # Dry run on a throwaway parameter: a bad schedule fails now, not after data preparation.
     scheduler(optimizer([torch.zeros(1, requires_grad=True)]))
-    module = LanguageModel(model, optimizer, scheduler, config,
-                           max_nonfinite_skips=cfg.get("nonfinite", {}).get("max_skips", 0))
+    nonfinite = cfg.get("nonfinite", {})
+    module = LanguageModel(model, optimizer, scheduler, config, max_nonfinite_skips=nonfinite.get("max_skips", 0),
+                           nonfinite_check=nonfinite.get("check", "auto"))
     loggers = _loggers(cfg.logger)
     # AtomicCheckpointIO: checkpoints are written atomically and read with weights_only=True,
     # the resume below included.
