@@ -43,20 +43,24 @@ def _history(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ddp_two_processes_equal_one_process_accumulating_two(tmp_path):
+def test_ddp_with_accumulation_stopped_and_resumed_equals_one_process(tmp_path):
+    """2 ranks x 2 accumulated micro-batches == one process accumulating 4 (the same global batch),
+    also when the DDP run stops at step 2 and resumes from its checkpoint to step 4."""
     cache = tmp_path / "data_cache"
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    # val_check_interval counts micro-batches: 4 of them are 2 steps of the accumulating run.
+    # val_check_interval counts micro-batches per rank: both runs validate every 2 steps.
     train.main(compose_cfg(DDP_TRAIN + [f"run_dir={single}", f"data.cache_dir={cache}",
-                                        "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4"]))
-    # (Stopped at step 2 and resumed with ckpt_path=last, the DDP run ends with the same weights too;
-    # that costs two more process starts, so the suite checks the resumed streams below instead.)
-    _train_py(ddp, cache, "trainer.devices=2", "trainer.strategy=ddp")
+                                        "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=8"]))
+    ddp_run = ("trainer.devices=2", "trainer.strategy=ddp", "trainer.accumulate_grad_batches=2",
+               "trainer.val_check_interval=4")
+    _train_py(ddp, cache, *ddp_run, "trainer.max_steps=2")
+    assert torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    _train_py(ddp, cache, *ddp_run, "ckpt_path=last")
 
     one = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)
     two = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
     assert one["global_step"] == two["global_step"] == 4
-    assert one["tokens_seen"] == two["tokens_seen"] == 4 * 2 * 4 * 32  # steps * micro-batches * B * T
+    assert one["tokens_seen"] == two["tokens_seen"] == 4 * 4 * 4 * 32  # steps * micro-batches * B * T
     for key, value in one["state_dict"].items():
         torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     first, second = _history(single), _history(ddp)

@@ -1,5 +1,6 @@
 """Training end to end on CPU: checkpoints, logs, resume, schedule, weight-decay groups, errors."""
 
+import csv
 import json
 import math
 import traceback
@@ -14,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 import train
 from minillm.data import generate_stories, load_tokenizer
 from minillm.model import build_model
+from minillm.training.loggers import wandb_resume
 from minillm.training.module import param_groups
 from minillm.training.schedule import warmup_cosine, warmup_cosine_lr
 
@@ -49,12 +51,27 @@ def test_run_writes_plain_data_checkpoints_and_history(tiny_run):
     assert OmegaConf.load(tiny_run / "config.yaml").num_params == cfg.num_params
 
 
+def _csv_header(run_dir) -> list[str]:
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return next(csv.reader(f))
+
+
+def _csv_rows(run_dir) -> list[tuple]:
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
+        return [(int(r["step"]), r["train/loss"] and round(float(r["train/loss"]), 4),
+                 r["val/loss"] and round(float(r["val/loss"]), 4)) for r in csv.DictReader(f)]
+
+
 def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     run_dir = tmp_path / "resumed"
-    _train(run_dir, "trainer.max_steps=2", "scheduler.max_steps=4", "logger=none",
+    _train(run_dir, "trainer.max_steps=2", "scheduler.max_steps=4",
            cache=tiny_run.parent.parent / "data_cache")
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    _train(run_dir, "ckpt_path=last", "logger=none", cache=tiny_run.parent.parent / "data_cache")
+    with (run_dir / "csv" / "metrics.csv").open("a") as f:  # as if killed after logging step 3
+        f.write(",".join("3" if key == "step" else "9.9" for key in _csv_header(run_dir)) + "\n")
+    _train(run_dir, "ckpt_path=last", cache=tiny_run.parent.parent / "data_cache")
+    # The CSV log goes on: the rows before the checkpoint kept, those after it replaced.
+    assert _csv_rows(run_dir) == _csv_rows(tiny_run)
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     straight = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and resumed["tokens_seen"] == straight["tokens_seen"]
@@ -193,3 +210,15 @@ def test_the_training_loop_reads_the_device_only_at_log_steps(tmp_path, model):
     # Micro-batches 3, 7 and 11 end log steps (7 also validates and saves, 11 ends the run); the
     # progress bar, the logged metrics, the throughput and MoE monitors read nothing in between.
     assert HostReads.batches == {3, 7, 11}
+
+
+def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path):
+    wandb = compose_cfg(["logger=wandb"]).logger.wandb
+    first = wandb_resume(wandb, tmp_path, resuming=False)
+    assert first["resume"] == "allow" and (tmp_path / "wandb_id").read_text().strip() == first["id"]
+    assert wandb_resume(wandb, tmp_path, resuming=True) == first  # ckpt_path=last: the same run
+    fresh = wandb_resume(wandb, tmp_path, resuming=False)  # a new run in the same directory
+    assert fresh["id"] != first["id"] and wandb_resume(wandb, tmp_path, resuming=True) == fresh
+    wandb.id = "mine"
+    assert wandb_resume(wandb, tmp_path, resuming=True) == {}  # an explicit id is the user's
+    assert wandb_resume(compose_cfg(["logger=csv"]).logger.csv, tmp_path, resuming=True) == {}

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from minillm.model import build_model
 from minillm.training.checkpoint_io import AtomicCheckpointIO
+from minillm.training.loggers import wandb_resume
 from minillm.training.module import LanguageModel
 from minillm.training.sweep import wandb_grouping
 
@@ -46,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     nonfinite = cfg.get("nonfinite", {})
     module = LanguageModel(model, optimizer, scheduler, config, max_nonfinite_skips=nonfinite.get("max_skips", 0),
                            nonfinite_check=nonfinite.get("check", "auto"))
-    loggers = _loggers(cfg.logger)
+    loggers = _loggers(cfg.logger, run_dir, resuming=ckpt_path is not None)
     # AtomicCheckpointIO: checkpoints are written atomically and read with weights_only=True,
     # the resume below included.
     trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()],
@@ -92,14 +93,15 @@ def _compile(cfg: DictConfig) -> bool:
     return value
 
 
-def _loggers(logger_cfg: DictConfig | None) -> list[Any]:
-    """Instantiate each configured logger; W&B goes offline unless the user is logged in, and groups
-    the runs of a sweep (``minillm.training.sweep.wandb_grouping``)."""
+def _loggers(logger_cfg: DictConfig | None, run_dir: Path, resuming: bool) -> list[Any]:
+    """Instantiate each configured logger; W&B goes offline unless the user is logged in, groups
+    the runs of a sweep (``minillm.training.sweep.wandb_grouping``) and continues the run of
+    ``run_dir`` when resuming (``minillm.training.loggers.wandb_resume``)."""
     logger_cfg = logger_cfg or {}
     if any("WandbLogger" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
             "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
-    return [instantiate(c, **wandb_grouping(c)) for c in logger_cfg.values()]
+    return [instantiate(c, **wandb_grouping(c), **wandb_resume(c, run_dir, resuming)) for c in logger_cfg.values()]
 
 
 def _finish_wandb(loggers: list[Any]) -> None:
