@@ -1,8 +1,8 @@
 """Distributed training on CPU (2 processes, gloo) and throughput accounting.
 
-DDP rank r's micro-batch n is single-rank micro-batch 2n + r, so a 2-process run must equal one
-process accumulating 2 micro-batches per step: same weights, same validation losses; resumed, each
-rank continues its own slice. MFU accounting is checked against the formula worked by hand.
+DDP rank r's micro-batch n is single-rank micro-batch 2n + r, so a 2-process run accumulating 2
+micro-batches must equal one process accumulating 4: same weights, same validation losses, also
+when stopped and resumed (each rank continues its own slice). MFU accounting is checked against the formula worked by hand.
 """
 
 import json
