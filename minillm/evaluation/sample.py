@@ -7,7 +7,7 @@ beyond the context window the window slides (``minillm.generate``). The same see
 """
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig
 
@@ -32,6 +32,18 @@ def _check(cfg: DictConfig) -> None:
         raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it: prompt='\"...\"')")
 
 
+def continuations(model, tokenizer, prompt: str, num_samples: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None, use_cache: bool = True,
+                  stream: Callable[[int, int], None] | None = None) -> list[str]:
+    """``num_samples`` texts continuing ``prompt`` (encoded after EOT): prompt included, EOT excluded."""
+    eot = tokenizer.token_to_id(EOT)
+    prompt_ids = tokenizer.encode(prompt).ids
+    rows = generate(model, [[eot] + prompt_ids] * num_samples, max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, eos_id=eot, seed=seed, use_cache=use_cache, stream=stream)
+    return [tokenizer.decode(prompt_ids + [t for t in row if t != eot]) for row in rows]
+
+
 class _Printer:
     """Streams one row's text to stdout, holding back bytes of a character not yet complete."""
 
@@ -53,17 +65,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """Print samples; return ``{"samples": [text, ...]}`` (prompt included, EOT excluded)."""
     _check(cfg)
     (model, tokenizer, _), _ = load(cfg)
-    eot = tokenizer.token_to_id(EOT)
-    prompt_ids = tokenizer.encode(cfg.prompt).ids
     streaming = bool(cfg.get("stream", False)) and cfg.num_samples == 1
-    printer = _Printer(tokenizer, prompt_ids, eot) if streaming else None
+    printer = None
     if streaming:
+        printer = _Printer(tokenizer, tokenizer.encode(cfg.prompt).ids, tokenizer.token_to_id(EOT))
         print(cfg.prompt, end="", flush=True)
-    rows = generate(model, [[eot] + prompt_ids] * cfg.num_samples, cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eot,
-                    seed=cfg.seed, use_cache=cfg.use_cache,
-                    stream=printer)
-    texts = [tokenizer.decode(prompt_ids + [t for t in row if t != eot]) for row in rows]
+    texts = continuations(model, tokenizer, cfg.prompt, cfg.num_samples, cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
+                          use_cache=cfg.use_cache, stream=printer)
     if streaming:
         print()
     else:
