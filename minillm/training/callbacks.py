@@ -1,17 +1,24 @@
-"""Callbacks: training throughput (tokens/s, MFU, peak memory) and the validation history, both
-recorded whatever logger is chosen, and a progress bar that never waits for the device."""
+"""Callbacks: training throughput (tokens/s, MFU, peak memory), the validation history and text
+samples, all recorded whatever logger is chosen, and a progress bar that never waits for the device."""
 
+import contextlib
 import json
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
+from minillm.data import load_tokenizer
 from minillm.data.cache import atomic_write
+from minillm.evaluation.sample import continuations
 from minillm.training.throughput import flops_per_token, peak_flops
 
 
@@ -105,16 +112,15 @@ class ProgressBar(TQDMProgressBar):
         return {**super().get_metrics(trainer, pl_module), **self._shown}
 
 
-class MetricsHistory(L.Callback):
-    """Append one JSON line per validation to ``path``: step, tokens, val loss/bpb, speed, memory.
+class JsonLines(L.Callback):
+    """Base of the callbacks that append JSON lines to ``path`` (global rank 0 writes).
 
     At the start of training, lines past the current step are dropped: a resumed run rewrites the
-    history the interrupted one wrote after its last checkpoint, so the file reads as one run.
+    lines the interrupted one wrote after its last checkpoint, so the file reads as one run.
     """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.start = time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.path.is_file():
@@ -123,6 +129,22 @@ class MetricsHistory(L.Callback):
         kept = [line for line in lines if _step(line) is not None and _step(line) <= trainer.global_step]
         if len(kept) != len(lines):
             atomic_write(self.path, lambda fh: fh.write("".join(line + "\n" for line in kept)), mode="w")
+
+    def _append(self, *records: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+class MetricsHistory(JsonLines):
+    """Append one JSON line per validation to ``path``: step, tokens, val loss/bpb, speed, memory.
+
+    On resuming, lines past the checkpoint's step are dropped (``JsonLines``).
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -152,10 +174,114 @@ class MetricsHistory(L.Callback):
             self._append({"step": trainer.global_step, "tokens": getattr(pl_module, "tokens_seen", None),
                           "train_loss": float("nan"), "stopped": str(exception).split(":")[0]})
 
-    def _append(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+
+class SampleText(JsonLines):
+    """After every ``every_n_validations``-th validation, generate ``num_samples`` continuations of
+    each of ``prompts`` on global rank 0 and append one JSON line per text to ``path``:
+    ``{"step", "prompt", "sample", "text"}``; with a ``WandbLogger``, also a W&B table ``samples``.
+
+    The texts are those ``eval.py mode=sample`` prints for the checkpoint of that step with the same
+    settings (``minillm.evaluation.sample.continuations``). Training is unchanged: sampling draws
+    from its own generator seeded with ``seed`` (the same at every validation, so the texts change
+    only as the model does), in eval mode without gradients, eagerly under ``torch.compile``
+    (varying shapes would recompile), under bf16 autocast when training is bf16 on a GPU. Other
+    ranks do nothing (no collective is involved). Under FSDP the parameters are sharded across the
+    ranks, so rank 0 alone cannot run the model: nothing is sampled, with a warning.
+    """
+
+    SHARDED = (FSDPStrategy, ModelParallelStrategy)
+
+    def __init__(self, path: str, prompts: Sequence[str] = ("Once upon a time",), num_samples: int = 1,
+                 max_new_tokens: int = 48, temperature: float = 0.8, top_k: int | None = 50,
+                 top_p: float | None = None, seed: int = 0, every_n_validations: int = 1) -> None:
+        super().__init__(path)
+        _check_sampling(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
+                        every_n_validations)
+        self.prompts = list(prompts)
+        self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
+        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.every = every_n_validations
+        self.validations = 0  # completed (not sanity-check) validations; kept in checkpoints
+        self.sharded = False
+        self._tokenizer = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(path=str(self.path))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.validations = state_dict["validations"]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.sharded = isinstance(trainer.strategy, self.SHARDED)
+        if self.sharded:
+            rank_zero_warn(f"callbacks.samples: no text samples during training with "
+                           f"{type(trainer.strategy).__name__} (parameters sharded across ranks); sample a "
+                           "checkpoint with: python eval.py mode=sample ckpt_path=...")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1  # on every rank, so that every rank's checkpoint state agrees
+        if self.sharded or not trainer.is_global_zero or self.validations % self.every:
+            return
+        rows = [{"step": trainer.global_step, "prompt": prompt, "sample": i, "text": text}
+                for prompt, texts in zip(self.prompts, self.generate(trainer, pl_module.model))
+                for i, text in enumerate(texts)]
+        self._append(*rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text(key="samples", columns=list(rows[0]), data=[list(r.values()) for r in rows],
+                                step=trainer.global_step)
+
+    def generate(self, trainer: L.Trainer, model: nn.Module) -> list[list[str]]:
+        """The texts of each prompt, generated by ``model`` as it is now; its train/eval modes kept."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(trainer.datamodule.tokenizer_json)
+        device = next(model.parameters()).device
+        bf16 = device.type == "cuda" and "bf16" in str(trainer.precision)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with torch.compiler.set_stance("force_eager"), autocast:
+                return [continuations(model, self._tokenizer, prompt, self.num_samples, self.max_new_tokens,
+                                      temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                      seed=self.seed) for prompt in self.prompts]
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+
+def _check_sampling(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed, every) -> None:
+    """Reject bad ``callbacks.samples`` settings at construction, before any training."""
+    def bad(key: str, value, valid: str) -> ValueError:
+        return ValueError(f"callbacks.samples.{key}={value!r}: {valid}")
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts or \
+            not all(isinstance(p, str) for p in prompts):
+        raise bad("prompts", prompts, 'must be a non-empty list of strings, e.g. ["Once upon a time"]')
+    if not integer(num_samples) or num_samples < 1:
+        raise bad("num_samples", num_samples, "must be an integer >= 1")
+    if not integer(max_new_tokens) or max_new_tokens < 1:
+        raise bad("max_new_tokens", max_new_tokens, "must be an integer >= 1")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise bad("temperature", temperature, "must be a number >= 0 (0 = greedy)")
+    if top_k is not None and (not integer(top_k) or top_k < 1):
+        raise bad("top_k", top_k, "must be an integer >= 1, or null for no filter")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise bad("top_p", top_p, "must be in (0, 1], or null for no filter")
+    if not integer(seed):
+        raise bad("seed", seed, "must be an integer (sampling has its own generator: the training "
+                                "random state is never drawn from)")
+    if not integer(every) or every < 1:
+        raise bad("every_n_validations", every, "must be an integer >= 1")
 
 
 def _step(line: str) -> int | None:
