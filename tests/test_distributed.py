@@ -162,6 +162,30 @@ def test_throughput_monitor_logs_mfu_against_the_configured_peak():
     assert logged["train/mfu"] == pytest.approx(tps * monitor.flops_per_token / 2e12)
 
 
+def test_throughput_excludes_validation_and_what_follows_it(monkeypatch):
+    from minillm.training import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    module = SimpleNamespace(device=torch.device("cpu"), tokens_seen=0, log=lambda name, value: None)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1)
+    monitor = callbacks.ThroughputMonitor()
+    monitor.on_train_start(trainer, module)
+    # 1000 tokens a second; validations (3 s) and what follows them up to the next batch (10 s,
+    # 5 s: checkpoints and text samples are written in later on_validation_end hooks) are not.
+    for step, (validation, after) in enumerate([(0, 0), (3, 10), (0, 0), (3, 5)], 1):
+        monitor.on_train_batch_start(trainer, module, None, 0)
+        clock[0] += 1
+        module.tokens_seen += 1000
+        trainer.global_step = step
+        monitor.on_train_batch_end(trainer, module, None, None, 0)
+        assert monitor.tokens_per_sec == pytest.approx(1000.0), step
+        if validation:
+            clock[0] += validation
+            monitor.on_validation_end(trainer, module)
+            clock[0] += after
+
+
 def test_fused_adamw_on_cuda_and_clipping_works_with_it():
     from lightning.pytorch.plugins.precision import MixedPrecision
 

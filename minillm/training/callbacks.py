@@ -28,7 +28,8 @@ class ThroughputMonitor(L.Callback):
     Reads only host-side state (tokens counted by the module, wall clock, the CUDA allocator's
     peak), so it adds no device sync. Tokens and FLOPs are those of all ranks; MFU divides by the
     peak of one device (``peak_flops``, else looked up from the device name) times the world size
-    and is not logged when that peak is unknown (CPU, an unlisted GPU). Validation time is excluded.
+    and is not logged when that peak is unknown (CPU, an unlisted GPU). Validation time, and what
+    follows it up to the next training batch (checkpoints, text samples), is excluded.
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
@@ -42,6 +43,7 @@ class ThroughputMonitor(L.Callback):
         self.mfu: float | None = None
         self._window = (0, time.perf_counter())  # (tokens seen, time) at the last reading
         self._last_step = -1
+        self._after_validation = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.model
@@ -57,7 +59,14 @@ class ThroughputMonitor(L.Callback):
         self._restart(pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restart(pl_module)
+        # Restart at the next batch instead: the checkpoints and text samples written after a
+        # validation (in later on_validation_end hooks) are not training time either.
+        self._after_validation = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch,
+                             batch_idx: int) -> None:
+        if self._after_validation:
+            self._restart(pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                            batch, batch_idx: int) -> None:
@@ -79,6 +88,7 @@ class ThroughputMonitor(L.Callback):
 
     def _restart(self, pl_module: L.LightningModule) -> None:
         self._window = (pl_module.tokens_seen, time.perf_counter())
+        self._after_validation = False
 
 
 
