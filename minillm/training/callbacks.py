@@ -211,13 +211,11 @@ class SampleText(JsonLines):
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
         self.every = every_n_validations
-        self.validations = 0  # completed (not sanity-check) validations; kept in checkpoints
+        # Validations so far (sanity checks excluded), kept in checkpoints so that a resumed run
+        # samples at the same ones; every instance counts the same, so one state key serves all.
+        self.validations = 0
         self.sharded = False
         self._tokenizer = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(path=str(self.path))
 
     def state_dict(self) -> dict[str, int]:
         return {"validations": self.validations}
