@@ -65,6 +65,9 @@ def test_ddp_with_accumulation_stopped_and_resumed_equals_one_process(tmp_path):
         torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     first, second = _history(single), _history(ddp)
     assert [h["step"] for h in first] == [h["step"] for h in second] == [2, 4]  # rank 0 alone writes
+    samples = [[json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()]
+               for run in (single, ddp)]
+    assert samples[0] == samples[1] == [2, 4]  # one prompt, one sample, rank 0 alone
     for a, b in zip(first, second):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
         assert b["tokens"] == a["tokens"]

@@ -69,6 +69,8 @@ def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     with (run_dir / "csv" / "metrics.csv").open("a") as f:  # as if killed after logging step 3
         f.write(",".join("3" if key == "step" else "9.9" for key in _csv_header(run_dir)) + "\n")
+    with (run_dir / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "prompt": "", "sample": 0, "text": "killed"}) + "\n{\"step\": 3, \"pro")
     _train(run_dir, "ckpt_path=last", cache=tiny_run.parent.parent / "data_cache")
     # The CSV log goes on: the rows before the checkpoint kept, those after it replaced.
     assert _csv_rows(run_dir) == _csv_rows(tiny_run)
@@ -79,6 +81,11 @@ def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
+    # The text samples too: the killed run's lines (one cut short) dropped; the same texts.
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 4]
+    assert (run_dir / "samples.jsonl").read_text() == (tiny_run / "samples.jsonl").read_text()
+    assert resumed["callbacks"]["SampleText"] == {"validations": 2}  # counted on from the checkpoint
 
 
 def test_local_tinystories_copy_trains(tmp_path):
@@ -139,6 +146,7 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     ("scheduler.warmup_steps=10", "scheduler.warmup_steps=10"),
     ("compile=maybe", "compile=maybe"),
     ("callbacks.throughput.peak_flops=-1", "callbacks.throughput.peak_flops=-1"),
+    ("callbacks.samples.top_p=0", "callbacks.samples.top_p=0"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, capsys, override, message):
     if override == "trainer=gpu" and torch.cuda.is_available():
