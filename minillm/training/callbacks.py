@@ -191,7 +191,7 @@ class SampleText(JsonLines):
     ``{"step", "prompt", "sample", "text"}``; with a ``WandbLogger``, also a W&B table ``samples``.
 
     The texts are those ``eval.py mode=sample`` prints for the checkpoint of that step with the same
-    settings (``minillm.evaluation.sample.continuations``). Training is unchanged: sampling draws
+    settings (``minillm.evaluation.sample.continuations``; exactly so in fp32). Training is unchanged: sampling draws
     from its own generator seeded with ``seed`` (the same at every validation, so the texts change
     only as the model does), in eval mode without gradients, eagerly under ``torch.compile``
     (varying shapes would recompile), under bf16 autocast when training is bf16 on a GPU. Other
