@@ -38,7 +38,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") is not None:
         from minillm.training.run import resolve_run_dir, resume_path  # Lightning: only when resuming
 
-        check_resume(resume_path(cfg.ckpt_path, resolve_run_dir(cfg)), model, cfg.model)
+        path = resume_path(cfg.ckpt_path, resolve_run_dir(cfg))
+        if path is not None:  # ckpt_path=auto with no checkpoint yet: a fresh start
+            check_resume(path, model, cfg.model)
 
 
 def check_nonfinite(max_skips, check) -> None:

@@ -21,10 +21,10 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def compose_cfg(overrides: list[str] = (), config_name: str = "train"):
+def compose_cfg(overrides: list[str] = (), config_name: str = "train", return_hydra_config: bool = False):
     """Compose ``configs/<config_name>.yaml`` with command-line style overrides."""
     with initialize_config_dir(str(CONFIGS), version_base=None):
-        return compose(config_name, overrides=list(overrides))
+        return compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture(autouse=True)

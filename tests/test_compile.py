@@ -1,4 +1,4 @@
-"""torch.compile: the dense forward is one graph and agrees with eager; compiled generation too.
+"""torch.compile: the training forward is one graph and agrees with eager; compiled generation too.
 
 Compilation takes tens of seconds on a small CPU, so there is one compiled model per test and the
 generation test runs only with MINILLM_SLOW_TESTS=1.
@@ -20,14 +20,15 @@ def tiny_preset():
     return build_model(cfg.model)
 
 
-def test_compiled_forward_is_one_graph_and_matches_eager():
+def test_compiled_training_forward_is_one_graph_and_matches_eager():
+    """What training runs: the forward with the loss inside (fused with the head when compiled)."""
     model = tiny_preset()
     compiled = torch.compile(model, fullgraph=True)  # fails on any graph break
-    idx = torch.randint(0, 64, (2, 16))
-    out, ref = compiled(idx), model(idx)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad(out.logsumexp(-1).mean(), list(model.parameters()))
-    ref_grads = torch.autograd.grad(ref.logsumexp(-1).mean(), list(model.parameters()))
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    loss, ref = compiled(idx, targets=targets), model(idx, targets=targets)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
 

@@ -10,6 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 from minillm import build_model
 from minillm.model.attention import Attention
+from minillm.model.cache import KVCache
 from minillm.model.position import ALiBi, PositionEncoding, RoPE, Sinusoidal, alibi_slopes
 from tests.conftest import compose_cfg, options
 
@@ -212,3 +213,21 @@ def test_vocab_padding_changes_no_logit():
                 q.copy_(p)
     idx = torch.randint(0, VOCAB, (2, 12))
     torch.testing.assert_close(padded(idx), exact(idx))
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "moe"])
+def test_forward_with_targets_is_the_cross_entropy_of_the_logits(ffn):
+    model = small_model(f"model/ffn={ffn}")  # 97 tokens, rows padded to 128: the loss sees 97
+    idx, targets = torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12))
+    targets[0, :3] = -100  # ignored, as F.cross_entropy's ignore_index
+    logits = model(idx)
+    kept = targets.flatten() != -100
+    log_probs = logits.flatten(0, 1)[kept].log_softmax(-1)
+    by_hand = -log_probs.gather(1, targets.flatten()[kept, None]).mean()
+    loss = model(idx, targets=targets)
+    torch.testing.assert_close(loss, by_hand)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for g, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(by_hand, params)):
+        torch.testing.assert_close(g, r)
+    with pytest.raises(ValueError, match="targets with a cache"):
+        model(idx, cache=KVCache.for_model(model, 2, 16), targets=targets)

@@ -196,12 +196,12 @@ def test_unknown_component_is_one_line_listing_the_options(override, group, monk
 # ---- non-finite losses ----
 
 def _nan_forward_at(monkeypatch, calls: set[int]) -> None:
-    """Make the training forwards numbered ``calls`` (0-based) return NaN logits."""
+    """Make the training forwards numbered ``calls`` (0-based) return a NaN loss (or logits)."""
     real, counter = Transformer.forward, itertools.count()
 
-    def forward(self, idx, cache=None):
-        logits = real(self, idx, cache)
-        return logits * float("nan") if self.training and next(counter) in calls else logits
+    def forward(self, idx, cache=None, targets=None):
+        out = real(self, idx, cache, targets)
+        return out * float("nan") if self.training and next(counter) in calls else out
 
     monkeypatch.setattr(Transformer, "forward", forward)
 

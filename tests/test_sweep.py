@@ -271,3 +271,12 @@ def test_run_status_records_a_failed_job(tmp_path):
     assert status["status"] == "failed" and status["error"] == "RuntimeError: CUDA out of memory"
     RunStatus().on_job_end(config, job_return=JobReturn(status=JobStatus.COMPLETED, _return_value=1.0))
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+
+
+def test_slurm_launcher_config_composes_over_the_submitit_plugin():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+    assert launcher.submitit_folder.endswith("/.submitit/%j")  # inside the sweep directory

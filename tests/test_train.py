@@ -64,14 +64,15 @@ def _csv_rows(run_dir) -> list[tuple]:
 
 def test_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
     run_dir = tmp_path / "resumed"
-    _train(run_dir, "trainer.max_steps=2", "scheduler.max_steps=4",
+    # ckpt_path=auto: a fresh start (no checkpoint yet), then a resume (as a requeued cluster job)
+    _train(run_dir, "trainer.max_steps=2", "scheduler.max_steps=4", "ckpt_path=auto",
            cache=tiny_run.parent.parent / "data_cache")
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     with (run_dir / "csv" / "metrics.csv").open("a") as f:  # as if killed after logging step 3
         f.write(",".join("3" if key == "step" else "9.9" for key in _csv_header(run_dir)) + "\n")
     with (run_dir / "samples.jsonl").open("a") as f:
         f.write(json.dumps({"step": 3, "prompt": "", "sample": 0, "text": "killed"}) + "\n{\"step\": 3, \"pro")
-    _train(run_dir, "ckpt_path=last", cache=tiny_run.parent.parent / "data_cache")
+    _train(run_dir, "ckpt_path=auto", cache=tiny_run.parent.parent / "data_cache")
     # The CSV log goes on: the rows before the checkpoint kept, those after it replaced.
     assert _csv_rows(run_dir) == _csv_rows(tiny_run)
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -15,6 +15,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.model.position import PositionEncoding
@@ -80,13 +81,24 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: Tensor, cache=None) -> Tensor:
-        """Logits (B, T, V) for token ids ``idx`` (B, T); ``cache`` for incremental decoding."""
+    def forward(self, idx: Tensor, cache=None, targets: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) for token ids ``idx`` (B, T); ``cache`` for incremental decoding.
+
+        With ``targets`` (B, T), the mean next-token cross-entropy (fp32; targets of -100 are
+        ignored) instead of the logits. Inside the forward, a compiled model fuses it with the head:
+        the fp32 logits that cross-entropy under bf16 autocast would write (4 bytes x tokens x
+        vocabulary, forward and backward) are never held in memory.
+        """
         if cache is None:
             x = self.drop(self.position.embed(self.tok_emb(idx)))  # (B, T, C)
             for block in self.blocks:
                 x = block(x, self.position)
-            return self.logits(x)
+            logits = self.logits(x)
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if targets is not None:
+            raise ValueError("targets with a cache: the loss is for whole windows, not decoding steps")
         cache.begin(idx.shape[1])
         x = self.position.embed(self.tok_emb(idx), cache.positions)
         for i, block in enumerate(self.blocks):

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -71,8 +70,7 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch  # (B, T) each
-        logits = self.model(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss = self.model(x, targets=y)  # the loss inside the (compiled) forward: fused with the head
         aux = self.model.aux_losses()
         total = loss + sum(aux.values()) if aux else loss
         self.tokens_seen += y.numel() * self.trainer.world_size
@@ -155,8 +153,7 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self.model(x)
-        self._val_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        self._val_sum += self.model(x, targets=y) * y.numel()
         self._val_count += y.numel()
 
     def on_validation_epoch_end(self) -> None:

@@ -73,10 +73,15 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 
 def resume_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """The checkpoint to resume from: a path, or ``last`` for <run_dir>/checkpoints/last.ckpt."""
+    """The checkpoint to resume from: a path, ``last`` for <run_dir>/checkpoints/last.ckpt, or
+    ``auto`` for that file if it exists, else none (a fresh start: what a job that a cluster may
+    requeue passes)."""
     if ckpt_path is None:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
+    path = last if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         hint = " (pass hydra.run.dir=<the run's directory> with ckpt_path=last)" if ckpt_path == "last" else ""
         raise ValueError(f"ckpt_path={ckpt_path}: no checkpoint file at {path}{hint}")
