@@ -134,6 +134,15 @@ def test_no_samples_under_fsdp_with_one_warning(tiny_run, tmp_path):
     assert not callback.path.exists() and callback.validations == 1
 
 
+def test_no_samples_from_nonfinite_weights(tiny_run, tmp_path):
+    model, _, _ = load_checkpoint(tiny_run / "checkpoints" / "last.ckpt")
+    model.blocks[0].attn.qkv.weight.data[0, 0] = float("nan")
+    callback = SampleText(str(tmp_path / "samples.jsonl"))
+    with pytest.warns(UserWarning, match="no samples at step 4: non-finite weights"):
+        callback.on_validation_end(_trainer(tiny_run), SimpleNamespace(model=model))
+    assert not callback.path.exists()  # and no error: the checkpoint hook names the step
+
+
 @pytest.mark.parametrize("key, value, valid", [
     ("prompts", [], "non-empty list of strings"),
     ("prompts", "Once upon a time", "non-empty list of strings"),

@@ -195,7 +195,7 @@ class SampleText(JsonLines):
     from its own generator seeded with ``seed`` (the same at every validation, so the texts change
     only as the model does), in eval mode without gradients, eagerly under ``torch.compile``
     (varying shapes would recompile), under bf16 autocast when training is bf16 on a GPU. Other
-    ranks do nothing (no collective is involved). Under FSDP the parameters are sharded across the
+    ranks do nothing (no collective is involved). Non-finite weights are not sampled. Under FSDP the parameters are sharded across the
     ranks, so rank 0 alone cannot run the model: nothing is sampled, with a warning.
     """
 
@@ -235,6 +235,12 @@ class SampleText(JsonLines):
             return
         self.validations += 1  # on every rank, so that every rank's checkpoint state agrees
         if self.sharded or not trainer.is_global_zero or self.validations % self.every:
+            return
+        weights = [p for p in pl_module.model.parameters() if p.is_floating_point()]
+        if not torch.stack([p.isfinite().all() for p in weights]).all():  # one host sync
+            # Sampling would fail on NaN probabilities; the checkpoint written next stops the run
+            # naming the step (LanguageModel.on_save_checkpoint), as it does without samples.
+            rank_zero_warn(f"callbacks.samples: no samples at step {trainer.global_step}: non-finite weights")
             return
         rows = [{"step": trainer.global_step, "prompt": prompt, "sample": i, "text": text}
                 for prompt, texts in zip(self.prompts, self.generate(trainer, pl_module.model))
