@@ -128,6 +128,19 @@ def test_rope_score_depends_only_on_offset():
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
 
 
+def test_rope_lookup_past_the_table_after_reserve_equals_the_full_rotation():
+    rope = RoPE(64, 4, 16)  # table of 16 positions; decoding a 40-token cache reserves 40
+    q, k = torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
+    full_q, full_k = rope.rotate(q, k)  # t = 40 > 16: computed from the formula
+    rope.reserve(40)
+    assert rope.cos.shape[0] == 40
+    steps = torch.tensor([[30, 31], [5, 39]])  # (B, T) positions, as a left-padded batch has
+    rows = torch.arange(2)[:, None]
+    got_q, got_k = rope.rotate(q[rows, :, steps].transpose(1, 2), k[rows, :, steps].transpose(1, 2), steps)
+    torch.testing.assert_close(got_q, full_q[rows, :, steps].transpose(1, 2))
+    torch.testing.assert_close(got_k, full_k[rows, :, steps].transpose(1, 2))
+
+
 def reference_alibi_slopes(n: int) -> list[float]:
     """The construction of the ALiBi reference code (Press et al., ``get_slopes``)."""
     def power_of_2(n):

@@ -12,8 +12,10 @@ calls the same instance. A scheme answers three questions and overrides only wha
   materialise it. ``has_score_bias`` says whether these exist.
 
 ``positions`` is ``None`` for a plain training batch (positions ``0..T-1``) or a LongTensor of
-shape (T,) or (B, T) of absolute positions (KV-cache decoding, left-padded batches). Queries are
-always the last Tq of the Tk keys, so a relative bias needs only ``t_q`` and ``t_k``.
+shape (T,) or (B, T) of absolute positions (KV-cache decoding, left-padded batches), each below the
+length last passed to ``reserve(n)`` (at least ``max_seq_len``): the model calls it with its cache's
+length, so schemes with tables index them per step instead of recomputing them in every layer.
+Queries are always the last Tq of the Tk keys, so a relative bias needs only ``t_q`` and ``t_k``.
 
 ``max_len`` is the longest sequence a scheme can encode (``None``: no limit).
 
@@ -51,6 +53,9 @@ class PositionEncoding(nn.Module):
 
     def rotate(self, q: Tensor, k: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return q, k
+
+    def reserve(self, n: int) -> None:
+        """Get ready for ``positions`` up to ``n - 1`` (no-op for schemes without tables)."""
 
     def score_bias(self, t_q: int, t_k: int) -> Tensor | None:
         return None
@@ -158,14 +163,21 @@ class RoPE(PositionEncoding):
         angles = p[..., None] * self.inv_freq  # (..., D)
         return angles.cos(), angles.sin() * self.sign
 
+    def reserve(self, n: int) -> None:
+        """Extend the cos/sin tables to ``n`` positions (once per longer cache, not per step)."""
+        if n > self.cos.shape[0]:
+            self.cos, self.sin = self._cos_sin(torch.arange(n, device=self.cos.device))
+
     def rotate(self, q: Tensor, k: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t = q.shape[2]  # q, k: (B, H, T, D)
-        if positions is None and t <= self.cos.shape[0]:
-            cos, sin = self.cos[:t], self.sin[:t]  # (T, D)
-        else:
-            cos, sin = self._cos_sin(_positions(positions, t, q.device))
+        if positions is not None:  # decoding: a lookup (positions < the reserved length)
+            cos, sin = self.cos[positions], self.sin[positions]  # (T, D) or (B, T, D)
             if cos.dim() == 3:
                 cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        elif t <= self.cos.shape[0]:
+            cos, sin = self.cos[:t], self.sin[:t]  # (T, D)
+        else:
+            cos, sin = self._cos_sin(torch.arange(t, device=q.device))
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         half = self.head_dim // 2
         return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin

@@ -100,6 +100,7 @@ class Transformer(nn.Module):
         if targets is not None:
             raise ValueError("targets with a cache: the loss is for whole windows, not decoding steps")
         cache.begin(idx.shape[1])
+        self.position.reserve(cache.max_len)  # a host-side length check; tables grow once
         x = self.position.embed(self.tok_emb(idx), cache.positions)
         for i, block in enumerate(self.blocks):
             x = block(x, self.position, cache.layer(i))
