@@ -2,7 +2,8 @@
 
 DDP rank r's micro-batch n is single-rank micro-batch 2n + r, so a 2-process run accumulating 2
 micro-batches must equal one process accumulating 4: same weights, same validation losses, also
-when stopped and resumed (each rank continues its own slice). MFU accounting is checked against the formula worked by hand.
+when stopped and resumed (each rank continues its own slice). MFU accounting is checked against
+the formula worked by hand.
 """
 
 import json

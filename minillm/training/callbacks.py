@@ -190,13 +190,14 @@ class SampleText(JsonLines):
     each of ``prompts`` on global rank 0 and append one JSON line per text to ``path``:
     ``{"step", "prompt", "sample", "text"}``; with a ``WandbLogger``, also a W&B table ``samples``.
 
-    The texts are those ``eval.py mode=sample`` prints for the checkpoint of that step with the same
-    settings (``minillm.evaluation.sample.continuations``; exactly so in fp32). Training is unchanged: sampling draws
-    from its own generator seeded with ``seed`` (the same at every validation, so the texts change
-    only as the model does), in eval mode without gradients, eagerly under ``torch.compile``
-    (varying shapes would recompile), under bf16 autocast when training is bf16 on a GPU. Other
-    ranks do nothing (no collective is involved). Non-finite weights are not sampled. Under FSDP the parameters are sharded across the
-    ranks, so rank 0 alone cannot run the model: nothing is sampled, with a warning.
+    The texts are those ``eval.py mode=sample`` prints for the checkpoint of that step with the
+    same settings (``minillm.evaluation.sample.continuations``; exactly so in fp32). Training is
+    unchanged: sampling draws from its own generator seeded with ``seed`` (the same at every
+    validation, so the texts change only as the model does), in eval mode without gradients,
+    eagerly under ``torch.compile`` (varying shapes would recompile), under bf16 autocast when
+    training is bf16 on a GPU. Other ranks do nothing (no collective is involved). Non-finite
+    weights are not sampled. Under FSDP the parameters are sharded across the ranks, so rank 0
+    alone cannot run the model: nothing is sampled, with a warning.
     """
 
     SHARDED = (FSDPStrategy, ModelParallelStrategy)

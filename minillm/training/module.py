@@ -11,9 +11,11 @@ update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradi
 step waits for the device; a checkpoint is never written from non-finite weights.
 
 No device value is read on the host between log steps: nothing is logged with ``prog_bar=True``
-during training, because Lightning converts every progress-bar metric to a Python number after every
-batch; ``callbacks.ProgressBar`` shows the loss instead, read when the bar redraws. Checkpoints carry the RNG states, restored at
-the first training batch after a resume so an interrupted run replays the uninterrupted one exactly.
+during training, because Lightning converts every progress-bar metric to a Python number after
+every batch; ``callbacks.ProgressBar`` shows the loss instead, as read at log steps.
+
+Checkpoints carry the RNG states, restored at the first training batch after a resume so an
+interrupted run replays the uninterrupted one exactly.
 """
 
 import inspect

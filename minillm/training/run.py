@@ -45,7 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Dry run on a throwaway parameter: a bad schedule fails now, not after data preparation.
     scheduler(optimizer([torch.zeros(1, requires_grad=True)]))
     nonfinite = cfg.get("nonfinite", {})
-    module = LanguageModel(model, optimizer, scheduler, config, max_nonfinite_skips=nonfinite.get("max_skips", 0),
+    module = LanguageModel(model, optimizer, scheduler, config,
+                           max_nonfinite_skips=nonfinite.get("max_skips", 0),
                            nonfinite_check=nonfinite.get("check", "auto"))
     loggers = _loggers(cfg.logger, run_dir, resuming=ckpt_path is not None)
     # AtomicCheckpointIO: checkpoints are written atomically and read with weights_only=True,
@@ -106,7 +107,8 @@ def _loggers(logger_cfg: DictConfig | None, run_dir: Path, resuming: bool) -> li
     if any("WandbLogger" in str(c.get("_target_", "")) for c in logger_cfg.values()) and \
             "WANDB_MODE" not in os.environ and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
-    return [instantiate(c, **wandb_grouping(c), **wandb_resume(c, run_dir, resuming)) for c in logger_cfg.values()]
+    return [instantiate(c, **wandb_grouping(c), **wandb_resume(c, run_dir, resuming))
+            for c in logger_cfg.values()]
 
 
 def _finish_wandb(loggers: list[Any]) -> None:
