@@ -16,18 +16,31 @@ from minillm.evaluation.loading import load
 from minillm.generation import generate
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_sampling(prefix: str, max_new_tokens, num_samples, temperature, top_k, top_p,
+                   min_new_tokens: int = 0) -> None:
+    """Reject bad sampling settings with one message naming ``<prefix><key>=<value>``."""
+    def bad(key: str, value, valid: str) -> ValueError:
+        return ValueError(f"{prefix}{key}={value!r}: {valid}")
+
+    if not _integer(max_new_tokens) or max_new_tokens < min_new_tokens:
+        raise bad("max_new_tokens", max_new_tokens, f"must be an integer >= {min_new_tokens}")
+    if not _integer(num_samples) or num_samples < 1:
+        raise bad("num_samples", num_samples, "must be an integer >= 1")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise bad("temperature", temperature, "must be a number >= 0 (0 = greedy)")
+    if top_k is not None and (not _integer(top_k) or top_k < 1):
+        raise bad("top_k", top_k, "must be an integer >= 1, or null for no filter")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise bad("top_p", top_p, "must be in (0, 1], or null for no filter")
+
+
 def _check(cfg: DictConfig) -> None:
     """Reject bad sampling settings before the checkpoint is read."""
-    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={cfg.max_new_tokens!r} must be an integer >= 0")
-    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
-        raise ValueError(f"num_samples={cfg.num_samples!r} must be an integer >= 1")
-    if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
-        raise ValueError(f"temperature={cfg.temperature!r} must be a number >= 0 (0 = greedy)")
-    if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):
-        raise ValueError(f"top_k={cfg.top_k!r} must be an integer >= 1, or null for no filter")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise ValueError(f"top_p={cfg.top_p!r} must be in (0, 1], or null for no filter")
+    check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
     if not isinstance(cfg.prompt, str):
         raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it: prompt='\"...\"')")
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from minillm.data import load_tokenizer
 from minillm.data.cache import atomic_write
-from minillm.evaluation.sample import continuations
+from minillm.evaluation.sample import check_sampling, continuations
 from minillm.training.throughput import flops_per_token, peak_flops
 
 
@@ -237,8 +237,11 @@ class SampleText(JsonLines):
         self.validations += 1  # on every rank, so that every rank's checkpoint state agrees
         if self.sharded or not trainer.is_global_zero or self.validations % self.every:
             return
-        weights = [p for p in pl_module.model.parameters() if p.is_floating_point()]
-        if not torch.stack([p.isfinite().all() for p in weights]).all():  # one host sync
+        from minillm.training.module import NonFiniteError, check_finite
+
+        try:
+            check_finite(pl_module.model.state_dict(), trainer.global_step)  # one host sync
+        except NonFiniteError:
             # Sampling would fail on NaN probabilities; the checkpoint written next stops the run
             # naming the step (LanguageModel.on_save_checkpoint), as it does without samples.
             rank_zero_warn(f"callbacks.samples: no samples at step {trainer.global_step}: non-finite weights")
@@ -276,26 +279,15 @@ def _check_sampling(prompts, num_samples, max_new_tokens, temperature, top_k, to
     def bad(key: str, value, valid: str) -> ValueError:
         return ValueError(f"callbacks.samples.{key}={value!r}: {valid}")
 
-    def integer(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts or \
             not all(isinstance(p, str) for p in prompts):
         raise bad("prompts", prompts, 'must be a non-empty list of strings, e.g. ["Once upon a time"]')
-    if not integer(num_samples) or num_samples < 1:
-        raise bad("num_samples", num_samples, "must be an integer >= 1")
-    if not integer(max_new_tokens) or max_new_tokens < 1:
-        raise bad("max_new_tokens", max_new_tokens, "must be an integer >= 1")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise bad("temperature", temperature, "must be a number >= 0 (0 = greedy)")
-    if top_k is not None and (not integer(top_k) or top_k < 1):
-        raise bad("top_k", top_k, "must be an integer >= 1, or null for no filter")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise bad("top_p", top_p, "must be in (0, 1], or null for no filter")
-    if not integer(seed):
+    check_sampling("callbacks.samples.", max_new_tokens, num_samples, temperature, top_k, top_p,
+                   min_new_tokens=1)
+    if not isinstance(seed, int) or isinstance(seed, bool):
         raise bad("seed", seed, "must be an integer (sampling has its own generator: the training "
                                 "random state is never drawn from)")
-    if not integer(every) or every < 1:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise bad("every_n_validations", every, "must be an integer >= 1")
 
 
