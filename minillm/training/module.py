@@ -47,6 +47,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_param_groups(factory: Callable, model: nn.Module) -> list[dict[str, Any]]:
+    """The groups the optimizer ``factory`` (a class or partial) takes: its class's own
+    ``param_groups_of(model, weight_decay)`` (``MuonAdamW``), else ``param_groups``."""
+    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+    target = getattr(factory, "func", factory)
+    return getattr(target, "param_groups_of", param_groups)(model, weight_decay)
+
+
 class LanguageModel(L.LightningModule):
     """Trains a ``Transformer``; checkpoints carry the resolved config and the tokenizer JSON."""
 
@@ -171,7 +179,7 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         keywords = getattr(self.optimizer_factory, "keywords", {})
-        groups = param_groups(self.model, keywords.get("weight_decay", 0.0))
+        groups = optimizer_param_groups(self.optimizer_factory, self.model)
         if keywords.get("fused") is None and self.device.type == "cuda" and _takes_fused(self.optimizer_factory):
             # one kernel for the whole update instead of a few per tensor
             optimizer = self.optimizer_factory(groups, fused=True)
