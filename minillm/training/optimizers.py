@@ -23,10 +23,12 @@ nothing about (torch's Muon takes whole parameters). The cost is coupling: a lar
 shrinks the q block's share of the unit-spectral-norm update. ``tests/test_recipe.py`` pins the
 choice (the fused update equals torch's Muon on the whole matrix).
 
-Learning rates: ``adjust_lr_fn="match_rms_adamw"`` (Moonlight) by default, which scales each Muon
-update to the RMS of an AdamW update (0.2 * sqrt(max(A, B))), so Muon reuses AdamW's ``lr`` and
-``weight_decay`` (``muon_lr: null``): one base lr for every group, which the warmup-cosine schedule
-(``minillm.training.schedule``) then scales per group from that group's initial lr.
+Learning rates: Muon has its own, ``muon_lr`` = 0.02 with ``adjust_lr_fn="original"`` (Keller
+Jordan's: the update scaled by sqrt(max(1, rows / cols))); AdamW keeps ``lr``. Measured on the
+synthetic corpus (NOTES_recipe.md) this beat Moonlight's ``match_rms_adamw`` at AdamW's lr
+(``muon_lr: null``), which remains one setting away. The warmup-cosine schedule scales every group
+by the same factor from its own initial lr (``minillm.training.schedule``). Muon's decoupled weight
+decay is ``muon_lr * weight_decay`` per step (torch's rule).
 """
 
 from collections.abc import Iterable, MutableMapping
@@ -59,14 +61,16 @@ class MuonAdamW(Optimizer):
     ``_NamedOptimizer`` wrappers hold one class), hence this small one.
     """
 
-    def __init__(self, params: Iterable[dict[str, Any]], lr: float = 1e-3,
+    def __init__(self, params: Iterable[dict[str, Any]] | Iterable[Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, muon_lr: float | None = None, momentum: float = 0.95,
+                 weight_decay: float = 0.1, muon_lr: float | None = 0.02, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5,
-                 adjust_lr_fn: str = "match_rms_adamw", fused: bool | None = None) -> None:
+                 adjust_lr_fn: str = "original", fused: bool | None = None) -> None:
         muon_lr = lr if muon_lr is None else muon_lr
         _check(lr, muon_lr, betas, eps, weight_decay, momentum, nesterov, ns_steps, adjust_lr_fn)
-        muon_groups, adamw_groups = [], []
+        muon_groups, adamw_groups, params = [], [], list(params)
+        if params and isinstance(params[0], Tensor):  # plain parameters: all AdamW's
+            params = [{"params": params}]
         for group in params:
             group = dict(group)
             if group["params"]:  # empty groups (a model without routers) would only shift indices
