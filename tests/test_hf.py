@@ -352,7 +352,8 @@ def option_cases() -> list[tuple[list[str], str]]:
     return cases
 
 
-@pytest.mark.parametrize("overrides, key", option_cases(), ids=lambda x: x if isinstance(x, str) else " ".join(x))
+@pytest.mark.parametrize("overrides, key", option_cases(),
+                         ids=lambda x: x if isinstance(x, str) else " ".join(x))
 def test_every_option_exports_with_parity_or_is_refused_by_name(transformers, tokenizer, tmp_path,
                                                                 overrides, key):
     try:

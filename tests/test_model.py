@@ -238,7 +238,8 @@ def test_vocab_padding_changes_no_logit():
 
 @pytest.mark.parametrize("ffn,softcap", [("swiglu", "null"), ("moe", "null"), ("swiglu", "2.0")])
 def test_forward_with_targets_is_the_cross_entropy_of_the_logits(ffn, softcap):
-    model = small_model(f"model/ffn={ffn}", f"model.logit_softcap={softcap}")  # 97 tokens, rows padded to 128: the loss sees 97
+    # 97 tokens, rows padded to 128: the loss sees 97 (after the cap, when there is one)
+    model = small_model(f"model/ffn={ffn}", f"model.logit_softcap={softcap}")
     idx, targets = torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12))
     targets[0, :3] = -100  # ignored, as F.cross_entropy's ignore_index
     logits = model(idx)
