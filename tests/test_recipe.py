@@ -22,13 +22,13 @@ from minillm.training.optimizers import MuonAdamW
 from minillm.training.schedule import warmup_cosine, warmup_cosine_lr
 from minillm.validation import validate
 
-# The recipe's model parts come from other branches (parts: relu2, qk_norm, init, logit_softcap;
+# Parts of the recipe come from other branches (parts: relu2, qk_norm, init, logit_softcap;
 # masks: local_global windows, Transformer(documents=)): what needs them runs once they are merged.
-RECIPE_MERGED = ("relu2" in options("model/ffn") and "local_global" in options("model/attention")
-                 and "qk_norm" in inspect.signature(Attention).parameters
-                 and "documents" in inspect.signature(Transformer.forward).parameters)
-needs_recipe = pytest.mark.skipif(not RECIPE_MERGED, reason="needs the parts and masks branches")
+PARTS_MERGED = "relu2" in options("model/ffn") and "qk_norm" in inspect.signature(Attention).parameters
 DOCUMENTS_IN_MODEL = "documents" in inspect.signature(Transformer.forward).parameters
+RECIPE_MERGED = PARTS_MERGED and DOCUMENTS_IN_MODEL and "local_global" in options("model/attention")
+needs_parts = pytest.mark.skipif(not PARTS_MERGED, reason="needs the parts branch")
+needs_recipe = pytest.mark.skipif(not RECIPE_MERGED, reason="needs the parts and masks branches")
 
 
 def _small(preset: str) -> Transformer:
@@ -53,7 +53,7 @@ def cache(tmp_path_factory):
 
 # ---- optimizer=muon ----
 
-@pytest.mark.parametrize("preset", [p for p in options("model") if p != "modern" or RECIPE_MERGED])
+@pytest.mark.parametrize("preset", [p for p in options("model") if p != "modern" or PARTS_MERGED])
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(preset):
     model = _small(preset)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -261,7 +261,7 @@ def test_documents_reach_the_model_and_validation_reports_both_ways(cache, tmp_p
 
 # ---- presets ----
 
-@needs_recipe
+@needs_parts
 def test_modern_preset_has_the_recipe_and_trains_with_muon_and_document_masks():
     cfg = compose_cfg(["model=modern", "optimizer=muon", "data.document_mask=true"])
     model = build_model(cfg.model)
@@ -308,9 +308,9 @@ TINY_SHAPE = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4"]  # the
 
 @pytest.mark.parametrize("preset", [
     pytest.param(["model=tiny", *TINY_SHAPE], id="tiny"),
-    # The modern model's parts at the tiny shape (AdamW: torch's Muon runs its Newton-Schulz in
-    # bfloat16, ~1 s per step of the tiny model on an AVX2 CPU; Muon's resume test covers it).
-    pytest.param(["model=modern", *TINY_SHAPE, "data.document_mask=true"], id="modern", marks=needs_recipe),
+    # The modern model's parts at the tiny shape, with AdamW: torch's Muon runs its Newton-Schulz in
+    # bfloat16, ~1 s per step of the tiny model on an AVX2 CPU (its resume test trains it).
+    pytest.param(["model=modern", *TINY_SHAPE], id="modern", marks=needs_parts),
 ])
 def test_golden_a_model_learns_the_synthetic_corpus(preset, cache, tmp_path):
     """60 steps of 16 x 64 tokens reach a validation loss of at most 3.6 nats/token (measured:
