@@ -338,7 +338,8 @@ def old_suffix_init(self, std: float, init: str = "gpt2") -> None:
 
 @pytest.mark.parametrize("preset", options("model"))
 def test_gpt2_init_is_bit_identical_to_the_name_suffix_rule(preset, monkeypatch):
-    cfg = compose_cfg([f"model={preset}", "data.vocab_size=512", "model.attention.bias=true"]).model
+    cfg = compose_cfg([f"model={preset}", "data.vocab_size=512", "model.attention.bias=true",
+                       "model.init=gpt2"]).model  # model=modern defaults to zero_proj
     torch.manual_seed(3)
     new = build_model(cfg).state_dict()
     monkeypatch.setattr(Transformer, "_init_weights", old_suffix_init)
