@@ -22,7 +22,8 @@ from minillm import load_checkpoint
 from minillm.checkpoint import read_checkpoint
 from minillm.model import Transformer, build_model
 from minillm.training import checkpoint_io
-from minillm.training.checkpoint_io import AtomicCheckpointIO, partial_path
+from minillm.files import partial_path
+from minillm.training.checkpoint_io import AtomicCheckpointIO
 from minillm.training.module import LanguageModel, NonFiniteError, check_finite
 from minillm.validation import validate
 

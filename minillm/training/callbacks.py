@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from minillm.data import load_tokenizer
-from minillm.data.cache import atomic_write
+from minillm.files import atomic_write
 from minillm.evaluation.sample import check_sampling, continuations
 from minillm.training.throughput import flops_per_token, peak_flops
 

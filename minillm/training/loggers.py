@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from minillm.data.cache import atomic_write
+from minillm.files import atomic_write
 
 WANDB_ID_FILE = "wandb_id"
 
