@@ -14,6 +14,7 @@ from typing import Iterator
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException, \
     OverrideParseException
 
+from minillm.config import root_cause
 from minillm.data import DataUnavailableError
 
 
@@ -29,10 +30,7 @@ def config_errors() -> Iterator[None]:
         print(f"error: {e}", file=sys.stderr)
         _exit_unless_multirun(1, e)
     except (ValueError, InstantiationException, DataUnavailableError) as e:
-        cause: BaseException = e
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        print(f"error: {_one_line(str(cause))}", file=sys.stderr)
+        print(f"error: {_one_line(str(root_cause(e)))}", file=sys.stderr)
         _exit_unless_multirun(2, e)
 
 

@@ -27,7 +27,7 @@ def test_compiled_training_forward_is_one_graph_and_matches_eager():
     model = tiny_preset()
     compiled = torch.compile(model, fullgraph=True)  # fails on any graph break
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    loss, ref = compiled(idx, targets=targets), model(idx, targets=targets)
+    loss, ref = compiled(idx, targets=targets).loss, model(idx, targets=targets).loss
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
