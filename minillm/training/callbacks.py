@@ -16,9 +16,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from minillm.config import check_int
 from minillm.data import load_tokenizer
 from minillm.files import atomic_write
-from minillm.evaluation.sample import check_sampling, continuations
+from minillm.generation import check_sampling, continuations
 from minillm.training.throughput import flops_per_token, peak_flops
 
 
@@ -191,7 +192,7 @@ class SampleText(JsonLines):
     ``{"step", "prompt", "sample", "text"}``; with a ``WandbLogger``, also a W&B table ``samples``.
 
     The texts are those ``eval.py mode=sample`` prints for the checkpoint of that step with the
-    same settings (``minillm.evaluation.sample.continuations``; exactly so in fp32). Training is
+    same settings (``minillm.generation.continuations``; exactly so in fp32). Training is
     unchanged: sampling draws from its own generator seeded with ``seed`` (the same at every
     validation, so the texts change only as the model does), in eval mode without gradients,
     eagerly under ``torch.compile`` (varying shapes would recompile), under bf16 autocast when
@@ -284,11 +285,9 @@ def _check_sampling(prompts, num_samples, max_new_tokens, temperature, top_k, to
         raise bad("prompts", prompts, 'must be a non-empty list of strings, e.g. ["Once upon a time"]')
     check_sampling("callbacks.samples.", max_new_tokens, num_samples, temperature, top_k, top_p,
                    min_new_tokens=1)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise bad("seed", seed, "must be an integer (sampling has its own generator: the training "
-                                "random state is never drawn from)")
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise bad("every_n_validations", every, "must be an integer >= 1")
+    check_int(seed, "callbacks.samples.seed", -2**63 + 1, 2**63 - 1,
+              " (sampling has its own generator: the training random state is never drawn from)")
+    check_int(every, "callbacks.samples.every_n_validations")
 
 
 def _step(line: str) -> int | None:
