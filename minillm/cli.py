@@ -67,7 +67,8 @@ def composition_message(e: Exception) -> str:
     """One line for a Hydra composition error; for a missing option, the group's valid options."""
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
         group, _, name = e.missing_cfg_file.rpartition("/")
-        return f"{group}={name}: no such option; valid: {', '.join(sorted(e.options))}"
+        valid = sorted(o for o in e.options if not o.startswith("_"))  # _base.yaml: not an option
+        return f"{group}={name}: no such option; valid: {', '.join(valid)}"
     text = str(e)
     if e.__cause__ is not None and str(e.__cause__) not in text:
         text += f" ({e.__cause__})"

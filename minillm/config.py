@@ -1,5 +1,5 @@
 """Reading a composed config: Hydra's ``instantiate`` with the constructor's own error, and the one
-integer check every group's constructor uses.
+integer check every group's constructor uses (``is_int``, ``check_int``).
 
 The bottom of the package (it imports only Hydra and OmegaConf): model, data, training, evaluation
 and the command line all read settings through it, so a bad value is reported the same way
@@ -31,9 +31,14 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def is_int(value: Any, minimum: int = 1, maximum: int | None = None) -> bool:
+    """Whether ``value`` is an int (a bool is not, though Python says so) in [minimum, maximum]."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum and \
+        (maximum is None or value <= maximum)
+
+
 def check_int(value: Any, key: str, minimum: int = 1, maximum: int | None = None, hint: str = "") -> None:
-    """Raise ValueError naming ``key`` unless ``value`` is an int (not a bool) in [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
-            (maximum is not None and value > maximum):
+    """Raise ValueError naming ``key`` unless ``is_int(value, minimum, maximum)``."""
+    if not is_int(value, minimum, maximum):
         valid = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise ValueError(f"{key}={value!r} must be an integer {valid}{hint}")

@@ -26,7 +26,7 @@ from minillm.training.loggers import wandb_grouping
 from minillm.training.sweep import RunStatus
 
 STEPS, BATCH, SEQ = 6, 4, 32
-SWEEP = [o for o in TINY_TRAIN if not o.startswith(("trainer.max_steps", "trainer.val_check", "logger"))] + [
+SWEEP = TINY_TRAIN + [
     f"trainer.max_steps={STEPS}", "trainer.val_check_interval=3", "logger=none"]
 
 
