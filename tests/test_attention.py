@@ -177,8 +177,8 @@ def test_flex_window_and_documents_are_block_sparse_and_build_no_dense_mask(monk
     n_tiles = t // BLOCK
     assert causal.kv_num_blocks.sum() + causal.full_kv_num_blocks.sum() == n_tiles * (n_tiles + 1) // 2
     assert window.kv_num_blocks.sum() + window.full_kv_num_blocks.sum() == 2 * n_tiles - 1
-    assert docs.block_mask("cpu").kv_num_blocks.sum() == 0  # only the diagonal: full blocks
-    assert docs.block_mask("cpu").full_kv_num_blocks.sum() == n_tiles
+    assert docs.block_mask("cpu").kv_num_blocks.sum() == n_tiles  # one story per tile: the diagonal
+    assert docs.block_mask("cpu").full_kv_num_blocks.sum() == 0
 
     q, k, v = qkv(2, t_q=300, t_k=300, grad=False)  # three query tiles, the last one cut short
     mask = make_mask("documents_window8", t=300)
