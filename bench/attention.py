@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy CPU)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=None, help="timings per row (default 10, --quick 3)")
     ap.add_argument("--masks", action="store_true", help="window and document masks (see above)")
     ap.add_argument("--window", type=int, default=256, help="--masks: window of W keys")
     ap.add_argument("--doc-len", type=int, default=200, help="--masks: mean document length")
@@ -129,7 +130,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     lengths = args.lengths or ([1024, 2048, 4096] if cuda else [1024, 4096] if args.masks else [256, 1024])
     lengths = lengths[:1] if args.quick else lengths
-    batch, reps = args.batch or (8 if cuda else 1), 3 if args.quick else 10
+    batch, reps = args.batch or (8 if cuda else 1), args.reps or (3 if args.quick else 10)
     if args.masks:
         print(f"device {args.device}, {dtype}, batch {batch}, d_model 288, heads 6, kv heads "
               f"{args.kv_heads}, window {args.window}, documents ~{args.doc_len} tokens, "

@@ -167,6 +167,11 @@ def test_block_mask_equals_create_block_mask(kind, t):
     for part in ("kv_num_blocks", "full_kv_num_blocks"):
         assert torch.equal(getattr(ours, part), getattr(ref, part)), part
     assert torch.equal(ours.to_dense(), ref.to_dense())
+    if mask.documents is None:  # queries the last Tq of Tk keys
+        short = AttentionMask(t - 20, t, window=mask.window)
+        ref = create_block_mask(short.mask_mod(), 1, None, t - 20, t, device="cpu")
+        assert torch.equal(short.block_mask("cpu").to_dense(), ref.to_dense())
+        assert torch.equal(short.block_mask("cpu").full_kv_num_blocks, ref.full_kv_num_blocks)
 
 
 def test_flex_window_and_documents_are_block_sparse_and_build_no_dense_mask(monkeypatch):

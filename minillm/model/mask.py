@@ -137,9 +137,13 @@ class AttentionMask:
         for tile in range(n_q):
             q_idx = torch.arange(tile * BLOCK, (tile + 1) * BLOCK, device=device)
             q_ok = q_idx < self.t_q
-            seen = self._evaluate(q_idx.clamp(max=self.t_q - 1), kv_idx.clamp(max=self.t_k - 1))
-            seen = seen & q_ok[:, None] & k_ok  # (B, 1, BLOCK, n_k * BLOCK)
-            count = seen.view(self.batch, 1, BLOCK, n_k, BLOCK).sum(dim=(2, 4))  # (B, 1, n_k)
+            # causal: key tiles past this tile's last query hold nothing visible; skip evaluating them
+            reach = min(n_k, -(-(self.t_k - self.t_q + (tile + 1) * BLOCK) // BLOCK))
+            seen = self._evaluate(q_idx.clamp(max=self.t_q - 1),
+                                  kv_idx[:reach * BLOCK].clamp(max=self.t_k - 1))
+            seen = seen & q_ok[:, None] & k_ok[:reach * BLOCK]  # (B, 1, BLOCK, reach * BLOCK)
+            count = seen.view(self.batch, 1, BLOCK, reach, BLOCK).sum(dim=(2, 4))  # (B, 1, reach)
+            count = torch.nn.functional.pad(count, (0, n_k - reach))  # (B, 1, n_k)
             full.append(count == BLOCK * BLOCK)
             partial.append((count > 0) & (count < BLOCK * BLOCK))
         return BlockMask.from_kv_blocks(*_ordered(torch.stack(partial, 2)),
