@@ -10,6 +10,9 @@ Sliding windows (Beltagy et al. 2020; Mistral): ``window: W`` lets a query see i
 itself included; with ``global_every: N`` layer i is global (no window) when ``(i + 1) % N == 0``,
 the last of each group of N as in Gemma 2/3, and windowed otherwise. ``self.window`` holds the
 layer's resolved window (``None``: global); the KV cache and the Hugging Face exporter read it.
+``residual_out()`` names the weights that write into the residual stream (for ``model.init``).
+With ``qk_norm`` the module owns two RMSNorms over D (``q_norm``, ``k_norm``; Qwen3, OLMo 2,
+modded-nanogpt), applied to q and k per head before the rotation, as Qwen3 does.
 
 Every kernel has the signature ``kernel(q, k, v, position, mask) -> (y, weights | None)`` with
 q (B, H, Tq, D), k and v (B, Hkv, Tk, D) kept at ``n_kv_heads`` (Ainslie et al. 2023, GQA;
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.model.mask import AttentionMask
+from minillm.model.norm import RMSNorm
 from minillm.model.position import PositionEncoding
 
 
@@ -169,7 +173,8 @@ class Attention(nn.Module):
     windowed (``window``, ``global_every``; see the module docstring)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 backend: str = "sdpa", bias: bool = False, layer_idx: int = 0, n_layers: int = 1,
+                 backend: str = "sdpa", bias: bool = False, qk_norm: bool = False,
+                 qk_norm_eps: float = 1e-5, layer_idx: int = 0, n_layers: int = 1,
                  window: int | None = None, global_every: int | None = None) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -190,6 +195,9 @@ class Attention(nn.Module):
         self.backend, self.kernel = backend, KERNELS[backend]
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.qk_norm, self.qk_norm_eps = qk_norm_options(qk_norm, qk_norm_eps)
+        norm = (lambda: RMSNorm(self.head_dim, qk_norm_eps)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()  # over D, per head; own scales in every layer
         self.record_weights = False  # set True (math backend) to keep ``attn_weights``
         self.attn_weights: Tensor | None = None
 
@@ -202,6 +210,7 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm (identity when off), before the rotation
         q, k = position.rotate(q, k, None if cache is None else cache.positions)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, Tk, D): a windowed layer's last keys only
@@ -211,3 +220,16 @@ class Attention(nn.Module):
         if self.record_weights:
             self.attn_weights = weights
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def residual_out(self) -> list[Tensor]:
+        """The output projection, which writes into the residual stream."""
+        return [self.proj.weight]
+
+
+def qk_norm_options(qk_norm: bool, eps: float) -> tuple[bool, float]:
+    """``model.attention.qk_norm`` (a bool) and ``qk_norm_eps`` (> 0), checked."""
+    if not isinstance(qk_norm, bool):
+        raise ValueError(f"model.attention.qk_norm={qk_norm!r} must be true or false")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"model.attention.qk_norm_eps={eps!r} must be a number > 0")
+    return qk_norm, float(eps)
