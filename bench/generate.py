@@ -5,7 +5,7 @@
 Model: ``configs/model/llama.yaml`` with MHA (d_model 288, 6 layers, 6 heads, vocab 4096, context
 256), random weights. Generates ``--new`` tokens after a ``--prompt``-token prompt at batch 1 both
 ways, asserts the tokens are identical and prints the speed-up (goal: at least 5x). Past the
-256-token context both paths slide the window the same way (see ``minillm/generate.py``).
+256-token context both paths slide the window the same way (see ``minillm/generation.py``).
 """
 
 import argparse

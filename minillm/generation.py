@@ -10,7 +10,8 @@ Context window: a prompt longer than ``model.max_seq_len`` keeps its last ``max_
 dropped so that the last ``max_seq_len // 2`` remain and decoding continues, the cache rebuilt from
 them; both paths follow this rule, so they stay identical. With ``extrapolate=True`` (position
 schemes without a length limit: all but ``learned``) the window is instead the longest prompt plus
-``max_new_tokens``, the size of the cache allocated, so nothing is cut or slid.
+``max_new_tokens``, the size of the cache allocated, so nothing is cut or slid. Windowed layers
+(``model.attention.window``) keep only their last W keys whatever that size (see ``model/cache.py``).
 
 Example::
 

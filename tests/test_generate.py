@@ -9,10 +9,13 @@ import minillm
 from conftest import options
 from minillm.generation import filter_logits, generate
 from minillm.model import KVCache
-from tiny_models import tiny_model
+from minillm.model.cache import RingCache
+from tiny_models import _composed, tiny_model
 
 COMBOS = list(itertools.product(options("model/attention"), options("model/position"),
                                 options("model/ffn")))
+WINDOWED = [a for a in options("model/attention") if _composed("attention", a).get("window")]
+W = 4  # the window in the tests below: generations run several times past it, so rings wrap
 
 
 @pytest.mark.parametrize("attention,position,ffn", COMBOS)
@@ -122,3 +125,63 @@ def test_sliding_window_same_with_and_without_cache():
 def test_package_entry_point_is_generate():
     model = tiny_model()
     assert minillm.generate(model, [[1]], 3, seed=0) == generate(model, [[1]], 3, seed=0)
+
+
+def windowed_model(attention: str, position: str, max_seq_len: int = 64):
+    """4 layers (local/global options get local and global ones), a window of ``W`` keys."""
+    return tiny_model(attention, position, n_layers=4, max_seq_len=max_seq_len, window=W)
+
+
+@pytest.mark.parametrize("position", options("model/position"))
+@pytest.mark.parametrize("attention", WINDOWED)
+@pytest.mark.parametrize("padded", [False, True])
+def test_windowed_cache_equals_full_recomputation_at_every_step(attention, position, padded):
+    model = windowed_model(attention, position)
+    prompts = [[5, 6, 7, 8, 9, 10], [3, 4]] if padded else [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6]]
+    pad = torch.tensor([6 - len(p) for p in prompts])
+    ids = torch.tensor([[0] * (6 - len(p)) + p for p in prompts])
+    cache = KVCache.for_model(model, 2, 40, pad)
+    with torch.no_grad():
+        for step in range(30):  # prompt longer than W, then 7x the window: every ring wraps
+            cached = model(ids if step == 0 else ids[:, -1:], cache)[:, -1]
+            full = model(ids, KVCache.for_model(model, 2, ids.shape[1], pad))[:, -1]  # no reuse
+            torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-5)
+            if not padded:
+                torch.testing.assert_close(full, model(ids)[:, -1], atol=2e-5, rtol=1e-5)
+            ids = torch.cat([ids, cached.argmax(-1, keepdim=True)], dim=1)
+        for b, p in enumerate(prompts):  # each padded row equals its own unpadded run
+            row = ids[b:b + 1, 6 - len(p):]
+            torch.testing.assert_close(model(ids, KVCache.for_model(model, 2, ids.shape[1], pad))[b, -1],
+                                       model(row)[0, -1], atol=2e-5, rtol=1e-5)
+    layers, blocks = cache.layers, model.blocks
+    k_bytes = [layer.k.numel() * layer.k.element_size() for layer in layers]
+    for layer, block, nbytes in zip(layers, blocks, k_bytes):
+        Hkv, D = block.attn.n_kv_heads, block.attn.head_dim
+        slots = 40 if block.attn.window is None else W  # windowed: W keys, whatever the length
+        assert isinstance(layer, RingCache) == (block.attn.window is not None)
+        assert layer.k.shape == layer.v.shape == (2, Hkv, slots, D)
+        assert nbytes == 2 * Hkv * slots * D * 4
+
+
+@pytest.mark.parametrize("attention", WINDOWED)
+def test_windowed_cache_fed_in_chunks_equals_full_recomputation(attention):
+    """Chunks of 3 tokens into a ring of 4: a chunk's queries read keys the same chunk overwrites."""
+    model = windowed_model(attention, "alibi")  # ALiBi: the keys must come back oldest first
+    ids = torch.randint(0, 64, (2, 22))
+    cache = KVCache.for_model(model, 2, 32)
+    with torch.no_grad():
+        full = model(ids)
+        for start in range(0, 22, 3):
+            chunk = model(ids[:, start:start + 3], cache)
+            torch.testing.assert_close(chunk, full[:, start:start + 3], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("attention", WINDOWED)
+def test_windowed_generation_same_with_and_without_cache(attention, position):
+    """Batched, left-padded, past the window many times and past the context (it slides at 33)."""
+    model = windowed_model(attention, position, max_seq_len=32)
+    prompts = [[5], [7, 8, 9, 10, 11, 12], [3, 4, 5]]
+    cached = generate(model, prompts, 40, temperature=0)
+    assert cached == generate(model, prompts, 40, temperature=0, use_cache=False)
+    assert cached == [generate(model, [p], 40, temperature=0)[0] for p in prompts]

@@ -3,7 +3,7 @@
 ``Transformer`` receives its parts as factories (Hydra ``_partial_`` configs or plain callables) and
 fills in the shared sizes itself, so component YAML files never repeat them:
 
-    attention(d_model=C, n_heads=H)              -> nn.Module   (attention.py)
+    attention(d_model=C, n_heads=H, layer_idx=i, n_layers=N) -> nn.Module (attention.py)
     position(d_model=C, n_heads=H, max_seq_len=L) -> PositionEncoding (position.py)
     ffn(d_model=C)                               -> nn.Module   (ffn.py, moe.py)
     norm(C)                                      -> nn.Module   (torch.nn.LayerNorm / RMSNorm)
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minillm.model.mask import AttentionMask
 from minillm.model.position import PositionEncoding
 
 
@@ -51,8 +52,9 @@ class Block(nn.Module):
         self.ffn_norm, self.ffn = norm(d_model), ffn
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, position: PositionEncoding, cache=None) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), position, cache))
+    def forward(self, x: Tensor, position: PositionEncoding, cache=None,
+                mask: AttentionMask | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), position, cache, mask))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -114,8 +116,8 @@ class Transformer(nn.Module):
                                                    max_seq_len=max_seq_len)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, attention(d_model=d_model, n_heads=n_heads), ffn(d_model=d_model), norm,
-                  dropout) for _ in range(n_layers))
+            Block(d_model, attention(d_model=d_model, n_heads=n_heads, layer_idx=i, n_layers=n_layers),
+                  ffn(d_model=d_model), norm, dropout) for i in range(n_layers))
         self.norm = norm(d_model)
         self.lm_head = nn.Linear(d_model, padded, bias=False)
         self._init_weights(init_std, init)
@@ -140,8 +142,12 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: Tensor, cache=None, targets: Tensor | None = None) -> Tensor | LossOutput:
+    def forward(self, idx: Tensor, cache=None, targets: Tensor | None = None,
+                documents: Tensor | None = None) -> Tensor | LossOutput:
         """Logits (B, T, V) for token ids ``idx`` (B, T); ``cache`` for incremental decoding.
+
+        ``documents`` (B, T): document ids, non-decreasing along T (e.g. a running count of
+        ``<|endoftext|>``); attention then stays within each document (block-causal masking).
 
         With ``targets`` (B, T), a ``LossOutput`` instead: the mean next-token cross-entropy (fp32;
         targets of -100 are ignored) and the auxiliary losses this very forward produced, so a
@@ -151,15 +157,19 @@ class Transformer(nn.Module):
         vocabulary, forward and backward) are never held in memory.
         """
         if cache is None:
+            mask = AttentionMask(idx.shape[1], documents=documents)  # one for every layer
             x = self.drop(self.position.embed(self.tok_emb(idx)))  # (B, T, C)
             for block in self.blocks:
-                x = block(x, self.position)
+                x = block(x, self.position, None, mask)
             logits = self.logits(x)
             if targets is None:
                 return logits
             return LossOutput(token_cross_entropy(logits, targets), self._aux_losses())
         if targets is not None:
             raise ValueError("targets with a cache: the loss is for whole windows, not decoding steps")
+        if documents is not None:
+            raise ValueError("documents with a cache: decoding continues one document; pass documents "
+                             "only to full forwards")
         cache.begin(idx.shape[1])
         self.position.reserve(cache.max_len)  # a host-side length check; tables grow once
         x = self.position.embed(self.tok_emb(idx), cache.positions)
