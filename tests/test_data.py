@@ -285,6 +285,38 @@ def test_bad_input_names_the_setting(tmp_path):
         make_dm(cache=tmp_path, val_tokens=SEQ)
 
 
+def _write_parquet_without_rows(folder: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name in ("train.parquet", "valid.parquet"):
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / name)
+
+
+@pytest.mark.parametrize("kind, found", [
+    ("empty text", "train.txt is empty (0 bytes)"),
+    ("separators only", f"train.txt (30 bytes) holds no story, only blank and {EOT} lines"),
+    ("empty jsonl", "train.jsonl is empty (0 bytes)"),
+    ("parquet without rows", "train.parquet has 0 rows"),
+])
+def test_local_copy_without_stories_is_one_line_naming_the_path(tmp_path, kind, found):
+    """Such a folder used to end in a datasets traceback (SchemaInferenceError) at load time."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("train.txt", "validation.txt") if "text" in kind or "separators" in kind else ():
+        (folder / name).write_text(f"{EOT}\n\n{EOT}\n\n" if kind == "separators only" else "")
+    if kind == "empty jsonl":
+        (folder / "train.jsonl").write_text("")
+        (folder / "valid.jsonl").write_text('{"text": "One story."}\n')
+    if kind == "parquet without rows":
+        _write_parquet_without_rows(folder)
+    with pytest.raises(ValueError) as info:
+        make_dm(folder, cache=tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith(f"data.path={str(folder)!r}: {found}") and "\n" not in message
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
 def test_hub_unreachable_says_what_to_do(tmp_path, monkeypatch):
     def offline(*a, **k):  # stands in for load_dataset: tests never call the Hub
         raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub")
