@@ -365,6 +365,17 @@ def test_synthetic_source_builds_and_data_configs_compose(tmp_path, monkeypatch)
     assert isinstance(instantiate(cfg.data), TokenDataModule)  # construction alone touches no network
 
 
+def test_python_api_reads_minillm_cache_as_the_yaml_does(tmp_path, monkeypatch):
+    """``TokenDataModule(...)`` without ``cache_dir`` used to write to ./data_cache whatever the env."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "shared"))
+    assert TokenDataModule(source="synthetic").folder.parent == tmp_path / "shared"
+    assert TokenDataModule(source="synthetic", cache_dir="mine").folder.parent == tmp_path / "mine"
+    assert instantiate(compose_cfg(["data=synthetic"]).data).folder.parent == tmp_path / "shared"
+    monkeypatch.delenv("MINILLM_CACHE")
+    assert TokenDataModule(source="synthetic").folder.parent == tmp_path / "data_cache"
+
+
 def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path, built):
     import lightning as L
 

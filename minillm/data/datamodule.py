@@ -10,6 +10,7 @@ Validation is deterministic, non-overlapping windows; bits per byte =
 
 import hashlib
 import math
+import os
 import struct
 from itertools import count
 from pathlib import Path
@@ -110,7 +111,7 @@ class TokenDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 2,
         num_proc: int = 4,
-        cache_dir: str = "data_cache",
+        cache_dir: str | None = None,
         val_tokens: int | None = None,
         seed: int = 0,
         n_stories: int = 4000,
@@ -281,8 +282,11 @@ class TokenDataModule(L.LightningDataModule):
         self.start_batch = int(state_dict["start_batch"])
 
 
-def _resolve(cache_dir: str) -> Path:
-    """``cache_dir`` made absolute against the launch directory (Hydra may chdir into outputs/)."""
+def _resolve(cache_dir: str | None) -> Path:
+    """``cache_dir`` (None: ``$MINILLM_CACHE``, else ``data_cache``) made absolute against the launch
+    directory (Hydra may chdir into outputs/). The one place this default lives: YAML and Python API."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("MINILLM_CACHE") or "data_cache"
     path = Path(str(cache_dir)).expanduser()
     if path.is_absolute():
         return path
