@@ -10,6 +10,7 @@ Validation is deterministic, non-overlapping windows; bits per byte =
 
 import hashlib
 import math
+import multiprocessing
 import os
 import struct
 from itertools import count
@@ -92,6 +93,19 @@ class ValBatches(IterableDataset):
         worker, n_workers = _worker()
         for i in range(worker, len(self), n_workers):
             yield self.batch(tokens, i)
+
+
+def worker_start_method(num_workers: int) -> str | None:
+    """The start method for DataLoader workers: ``None`` (torch's default) unless the process-wide
+    default is not one of the platform's own, then the platform's default named explicitly.
+
+    joblib's loky processes (``hydra/launcher=joblib``) set the default to ``loky``, whose launcher
+    can start only its own process class: DataLoader's plain ``Process`` then fails to start (torch
+    reports it as a pickle error), so every member of a joblib sweep with ``data.num_workers > 0`` died.
+    """
+    method = multiprocessing.get_start_method(allow_none=True)
+    platform = multiprocessing.get_all_start_methods()
+    return None if num_workers == 0 or method in (None, *platform) else platform[0]
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -241,6 +255,7 @@ class TokenDataModule(L.LightningDataModule):
             self.train_stream(),
             batch_size=None,  # the stream yields whole batches; workers are interleaved in order
             num_workers=self.num_workers,
+            multiprocessing_context=worker_start_method(self.num_workers),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )
@@ -266,6 +281,7 @@ class TokenDataModule(L.LightningDataModule):
             self.val_dataset(),
             batch_size=None,
             num_workers=self.num_workers,
+            multiprocessing_context=worker_start_method(self.num_workers),
             pin_memory=torch.cuda.is_available(),
         )
 
