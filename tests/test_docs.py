@@ -60,3 +60,12 @@ def test_no_machine_specific_absolute_paths():
     for page in PAGES:
         hits = re.findall(r"(?<![\w.~])/(?:work|home|Users|mnt|scratch|root)/[^\s`)]*", page.read_text())
         assert not hits, f"{page.name}: {hits}"
+
+
+def test_readme_layout_names_every_folder_and_top_level_module():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    folders = [p for root in ("configs", "minillm") for p in (ROOT / root).iterdir()
+               if p.is_dir() and not p.name.startswith(("_", "."))]
+    names = [f"{p.name}/" for p in folders] + [p.name for p in (ROOT / "minillm").glob("[!_]*.py")]
+    names += ["train.py", "eval.py", "tests/", "bench/", "docs/"]
+    assert not [n for n in names if n not in layout], "README Layout misses these"
