@@ -126,12 +126,11 @@ def check_context(model: Transformer, seq_len: int) -> None:
 
 def check_optimization(cfg: DictConfig, model: Transformer) -> None:
     """Build the optimizer and the scheduler on the meta parameters: their constructors' checks."""
-    from minillm.training.module import param_groups
+    from minillm.training.module import optimizer_param_groups
 
     factory = instantiate_checked(cfg.optimizer)
-    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
     try:
-        optimizer = factory(param_groups(model, weight_decay))
+        optimizer = factory(optimizer_param_groups(factory, model))
     except ValueError as e:
         options = {k: v for k, v in OmegaConf.to_container(cfg.optimizer).items() if k[0] != "_"}
         raise ValueError(f"optimizer: {e} (optimizer settings: {options})") from None

@@ -5,6 +5,7 @@ exported folders load with transformers' defaults, as a user would. Parity means
 within 1e-4 and the same greedy tokens. Tests that need ``transformers`` skip without it.
 """
 
+import inspect
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minillm import build_model, export_hf, from_hf
 from minillm.interop import hf_model_config
+from minillm.model.attention import Attention
 from tests.conftest import compose_cfg, options
 
 V = 310  # model vocabulary: the tiny tokenizer's ~300 tokens and spare ids (minillm pads to 320)
@@ -93,6 +95,9 @@ def reference(transformers, kind: str, **overrides):
             cfg = transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
                                              router_aux_loss_coef=0.02, **common, **body)
             model = transformers.MixtralForCausalLM
+        elif kind == "qwen3":
+            cfg = transformers.Qwen3Config(**{"head_dim": 16, **common, **body})
+            model = transformers.Qwen3ForCausalLM
         else:
             cfg = transformers.LlamaConfig(**common, **body)
             model = transformers.LlamaForCausalLM
@@ -107,6 +112,9 @@ REFERENCES = {
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
     "mixtral": ("mixtral", {}),
     "gpt2-untied": ("gpt2", dict(tie_word_embeddings=False)),
+    "qwen3-gqa": ("qwen3", {}),
+    "qwen3-mqa-bias-tied": ("qwen3", dict(num_key_value_heads=1, attention_bias=True,
+                                          tie_word_embeddings=True, rms_norm_eps=1e-6)),
 }
 
 
@@ -146,6 +154,12 @@ EXPORTS = {
     "gpt2": (["model=gpt2"], "GPT2LMHeadModel"),
     "gpt2-bias-untied": (["model=gpt2", "model.attention.bias=true", "model.ffn.bias=true",
                           "model.tie_embeddings=false"], "GPT2LMHeadModel"),
+    "qwen3-gqa": (["model=llama", "model/attention=gqa_qknorm"], "Qwen3ForCausalLM"),
+    "qwen3-mqa-bias-untied-linear-rope-eps": (
+        ["model=llama", "model/attention=mqa", "model.attention.qk_norm=true",
+         "model.attention.bias=true", "model.tie_embeddings=false", "model.position.scaling=linear",
+         "model.position.factor=2.0", "model.norm.eps=1e-6", "model.attention.qk_norm_eps=1e-6"],
+        "Qwen3ForCausalLM"),
 }
 
 
@@ -167,6 +181,8 @@ def check_export(transformers, tokenizer, folder, overrides: list[str], architec
         assert torch.equal(own[key][:rows], other[key][:rows]), key
     assert not other["tok_emb.weight"][V:].any()
     assert tok.to_str() == tokenizer.to_str()
+    for a, b in zip(mini.blocks, back.blocks):  # the kernel is not exported (from_hf picks sdpa);
+        b.attn.backend, b.attn.kernel = a.attn.backend, a.attn.kernel  # same kernel: same bits
     ids = torch.randint(0, V, (1, 16))
     with torch.no_grad():
         assert torch.equal(mini(ids), back(ids))
@@ -309,3 +325,134 @@ def test_eval_export_mode_writes_a_folder_transformers_loads(transformers, tiny_
         assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
     with pytest.raises(SystemExit):  # out is required: one line on stderr, exit code 2
         eval_script.main(compose_cfg([f"ckpt_path={ckpt}", "mode=export"], "eval"))
+
+
+# ---- every option of every model config group: exports with parity, or is refused by name
+
+GROUPS = ("attention", "position", "ffn", "norm")
+BASES = ("llama", "gpt2")  # one body per family of parts: RoPE/RMSNorm/SwiGLU and GPT-2's
+
+
+def option_cases() -> list[tuple[list[str], str]]:
+    """(overrides, the config key a refusal must name), discovered from configs/model: each option
+    of each group on each base, each boolean setting of the base's parts flipped, and the
+    model-level settings that change the function."""
+    cases = []
+    for base in BASES:
+        for group in GROUPS:
+            cases += [([f"model={base}", f"model/{group}={o}"], f"model.{group}")
+                      for o in options(f"model/{group}")]
+        model = compose_cfg(TINY + [f"model={base}"]).model
+        for key, value in [(f"{group}.{k}", v) for group in GROUPS for k, v in model[group].items()]\
+                + list(model.items()):
+            if isinstance(value, bool) and not key.split(".")[-1].startswith("_"):
+                cases.append(([f"model={base}", f"model.{key}={str(not value).lower()}"], f"model.{key}"))
+        cases += [([f"model={base}", "model.logit_softcap=30.0"], "model.logit_softcap"),
+                  ([f"model={base}", "model.init=zero_proj"], "model.init")]
+    return cases
+
+
+@pytest.mark.parametrize("overrides, key", option_cases(),
+                         ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_every_option_exports_with_parity_or_is_refused_by_name(transformers, tokenizer, tmp_path,
+                                                                overrides, key):
+    try:
+        export_hf(minillm_model(overrides), tmp_path / "probe")
+    except ValueError as err:  # refused: each architecture's line says why, naming the setting
+        assert "no native architecture" in str(err) and key in str(err), str(err)
+        return
+    arch = json.loads((tmp_path / "probe" / "config.json").read_text())["architectures"][0]
+    check_export(transformers, tokenizer, tmp_path / "folder", overrides, arch)
+
+
+def test_the_option_sweep_exports_the_new_parts_it_can_and_refuses_the_rest(tmp_path):
+    """The sweep above must not pass by refusing everything: QK-norm exports, relu2 and softcap do not."""
+    from minillm.interop import hf_family
+
+    assert hf_family(minillm_model(["model=llama", "model/attention=gqa_qknorm"])).architecture \
+        == "Qwen3ForCausalLM"
+    assert hf_family(minillm_model(["model=llama", "model.init=zero_proj"])).architecture \
+        == "LlamaForCausalLM"
+    for overrides, named in [(["model=llama", "model/ffn=relu2"], "model.ffn is ReLU2"),
+                             (["model=llama", "model.logit_softcap=30.0"], "model.logit_softcap=30.0"),
+                             (["model=gpt2", "model.attention.qk_norm=true"],
+                              "model.attention.qk_norm=true; GPT2LMHeadModel has no equivalent"),
+                             (["model=llama", "model.attention.qk_norm=true", "model.norm.eps=1e-6"],
+                              "model.attention.qk_norm_eps=1e-05 differs from model.norm.eps=1e-06"),
+                             (["model=llama", "model.attention.qk_norm=true", "model.ffn.bias=true"],
+                              "model.ffn.bias=true; Qwen3ForCausalLM has no MLP biases")]:
+        with pytest.raises(ValueError, match="no native architecture") as err:
+            export_hf(minillm_model(overrides), tmp_path)
+        assert named in str(err.value)
+
+
+def test_a_new_attention_option_is_refused_until_an_exporter_maps_it(monkeypatch, tmp_path):
+    """Options are checked generically: one that no family maps blocks every export by name."""
+    init = Attention.__init__
+
+    def with_option(self, *args, sharpen: float = 1.0, opaque: int = 0, **kwargs):
+        init(self, *args, **kwargs)
+        self.sharpen = sharpen  # ``opaque`` is not kept: the exporter cannot read it
+
+    monkeypatch.setattr(Attention, "__init__", with_option)
+    monkeypatch.setattr(Attention, "__signature__", inspect.signature(with_option), raising=False)
+    with pytest.raises(ValueError, match="no native architecture") as err:
+        export_hf(minillm_model(["model=llama", "+model.attention.sharpen=2.0"]), tmp_path)
+    assert "LlamaForCausalLM: model.attention.sharpen=2.0; LlamaForCausalLM has no equivalent" \
+        in str(err.value)
+    assert "model.attention.opaque is not readable" in str(err.value)
+
+
+# ---- sliding windows (attn.window, from the masks branch) -> Qwen3's sliding_window + layer_types
+
+HAS_WINDOW = "window" in inspect.signature(Attention).parameters
+needs_window = pytest.mark.skipif(not HAS_WINDOW, reason="Attention has no window option yet")
+
+WINDOWED = {
+    "every-layer": (["model.attention.window=8"], ["sliding_attention"] * 2),
+    "local-global": (["model.attention.window=8", "model.attention.global_every=2"],
+                     ["sliding_attention", "full_attention"]),
+}
+
+
+@needs_window
+@pytest.mark.parametrize("case", sorted(WINDOWED))
+def test_windowed_qk_norm_model_exports_as_qwen3_with_layer_types(transformers, tokenizer, tmp_path,
+                                                                  case):
+    windows, layer_types = WINDOWED[case]
+    overrides = ["model=llama", "model/attention=gqa_qknorm", *windows]
+    check_export(transformers, tokenizer, tmp_path, overrides, "Qwen3ForCausalLM")  # T 24 > W 8
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sliding_window"] == 8 and config["use_sliding_window"]
+    assert config["layer_types"] == layer_types
+    assert from_hf(tmp_path)[0].blocks[0].attn.window == 8
+
+
+@needs_window
+def test_windows_without_qk_norm_are_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="no native architecture") as err:
+        export_hf(minillm_model(["model=llama", "model.attention.window=8"]), tmp_path)
+    assert "LlamaForCausalLM: model.attention.window=8" in str(err.value)
+
+
+@needs_window
+def test_qwen3_reference_with_sliding_layers_imports_with_parity(transformers, tmp_path):
+    hf = reference(transformers, "qwen3", num_hidden_layers=4, use_sliding_window=True,
+                   sliding_window=8, max_window_layers=4,
+                   layer_types=["sliding_attention", "full_attention"] * 2)
+    hf.save_pretrained(tmp_path)
+    mini, _ = from_hf(tmp_path)
+    assert [b.attn.window for b in mini.blocks] == [8, None, 8, None]
+    assert_parity(mini, hf, vocab=256)
+
+
+def test_qwen3_layer_pattern_minillm_cannot_express_is_refused(tmp_path):
+    config = {"model_type": "qwen3", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 3,
+              "num_attention_heads": 2, "head_dim": 4, "intermediate_size": 8,
+              "use_sliding_window": True, "sliding_window": 4,
+              "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({}, tmp_path / "model.safetensors")
+    match = "layer_types=" if HAS_WINDOW else "model.attention.window"
+    with pytest.raises(ValueError, match=match):
+        from_hf(tmp_path)

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from hydra.errors import ConfigCompositionException
 from minillm import build_model
 from minillm.model.attention import Attention
 from minillm.model.cache import KVCache
+from minillm.model.ffn import ReLU2
 from minillm.model.position import ALiBi, PositionEncoding, RoPE, Sinusoidal, alibi_slopes
+from minillm.model.transformer import Transformer
 from tests.conftest import compose_cfg, options
 
 VOCAB = 97
@@ -191,9 +194,14 @@ def test_sinusoidal_matches_formula():
     (["model/position=rope", "model.d_model=36", "model.n_heads=4"], "model.position=rope"),
     (["model.attention.backend=fast"], "model.attention.backend"),
     (["model.d_model=0"], "model.d_model"),
+    (["model.logit_softcap=0"], "model.logit_softcap=0 must be a number > 0"),
+    (["model.logit_softcap=-15"], "model.logit_softcap=-15 must be a number > 0"),
+    (["model.init=xavier"], "model.init='xavier' is not one of ['gpt2', 'zero_proj']"),
+    (["model.attention.qk_norm_eps=0"], "model.attention.qk_norm_eps=0 must be a number > 0"),
+    (["model.attention.qk_norm=1"], "model.attention.qk_norm=1 must be true or false"),
 ])
 def test_impossible_settings_fail_at_construction_naming_the_key(overrides, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(key)):
         small_model(*overrides)
 
 
@@ -228,9 +236,10 @@ def test_vocab_padding_changes_no_logit():
     torch.testing.assert_close(padded(idx), exact(idx))
 
 
-@pytest.mark.parametrize("ffn", ["swiglu", "moe"])
-def test_forward_with_targets_is_the_cross_entropy_of_the_logits(ffn):
-    model = small_model(f"model/ffn={ffn}")  # 97 tokens, rows padded to 128: the loss sees 97
+@pytest.mark.parametrize("ffn,softcap", [("swiglu", "null"), ("moe", "null"), ("swiglu", "2.0")])
+def test_forward_with_targets_is_the_cross_entropy_of_the_logits(ffn, softcap):
+    # 97 tokens, rows padded to 128: the loss sees 97 (after the cap, when there is one)
+    model = small_model(f"model/ffn={ffn}", f"model.logit_softcap={softcap}")
     idx, targets = torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12))
     targets[0, :3] = -100  # ignored, as F.cross_entropy's ignore_index
     logits = model(idx)
@@ -244,3 +253,154 @@ def test_forward_with_targets_is_the_cross_entropy_of_the_logits(ffn):
         torch.testing.assert_close(g, r)
     with pytest.raises(ValueError, match="targets with a cache"):
         model(idx, cache=KVCache.for_model(model, 2, 16), targets=targets)
+
+
+# ---- logit soft-capping, ReLU^2, QK-norm
+
+def test_softcap_is_cap_tanh_of_the_logits_and_bounds_them():
+    capped, plain = small_model("model.logit_softcap=3.0"), small_model()
+    with torch.no_grad():  # large weights: raw logits far beyond the cap
+        for p in plain.parameters():
+            p.mul_(40.0) if p.dim() > 1 else None
+    capped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        raw, got = plain(idx), capped(idx)
+    assert raw.abs().max() > 10  # the cap has work to do
+    torch.testing.assert_close(got, 3.0 * torch.tanh(raw / 3.0))
+    assert got.abs().max() < 3.0
+    cache = KVCache.for_model(capped, 2, 16)  # decoding reads the capped logits too
+    with torch.no_grad():
+        torch.testing.assert_close(capped(idx, cache=cache), got, rtol=1e-4, atol=1e-4)
+
+
+def test_relu2_is_down_of_squared_relu_of_up():
+    ffn = ReLU2(16)
+    assert ffn.up.out_features == 64  # d_hidden default 4C
+    x = torch.randn(2, 5, 16)
+    h = x @ ffn.up.weight.T
+    by_hand = (h.clamp(min=0) ** 2) @ ffn.down.weight.T
+    torch.testing.assert_close(ffn(x), by_hand)
+    assert ffn.residual_out() == [ffn.down.weight]
+
+
+class RecordingPosition(PositionEncoding):
+    """No positions; remembers the q and k that attention hands to ``rotate``."""
+
+    def rotate(self, q, k, positions=None):
+        self.q, self.k = q, k
+        return q, k
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 2])
+def test_qk_norm_gives_q_and_k_unit_rms_per_head_before_the_rotation(n_kv_heads):
+    attn = Attention(64, 8, n_kv_heads, qk_norm=True)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 2.0)
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+    pos = RecordingPosition(64, 8, 32)
+    attn(torch.randn(2, 10, 64) * 3.0, pos)
+    assert pos.q.shape == (2, 8, 10, 8) and pos.k.shape == (2, n_kv_heads, 10, 8)
+    for x, norm in [(pos.q, attn.q_norm), (pos.k, attn.k_norm)]:
+        rms = (x / norm.weight).pow(2).mean(-1).sqrt()  # every (batch, head, position) row
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+    plain = Attention(64, 8, n_kv_heads)  # without qk_norm the rows are not normalised
+    plain(torch.randn(2, 10, 64) * 3.0, pos)
+    assert (pos.q.pow(2).mean(-1).sqrt() - 1).abs().max() > 0.1
+
+
+def test_qk_norm_weights_are_per_layer_and_change_the_function():
+    model = small_model("model.attention.qk_norm=true")
+    names = [n for n, _ in model.named_parameters() if "_norm.weight" in n and ".attn." in n]
+    assert names == [f"blocks.{i}.attn.{qk}_norm.weight" for i in range(2) for qk in "qk"]
+    assert model.blocks[0].attn.q_norm.weight is not model.blocks[1].attn.q_norm.weight
+    idx = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        before = model(idx)
+        model.blocks[1].attn.k_norm.weight.mul_(3.0)
+        assert (model(idx) - before).abs().max() > 1e-4
+    assert "q_norm" not in str(small_model().state_dict().keys())  # off: no extra tensors
+
+
+# ---- init contract: residual_out() marks the projections; gpt2 equals the old name-suffix rule
+
+def old_suffix_init(self, std: float, init: str = "gpt2") -> None:
+    """``Transformer._init_weights`` before the init contract (residual outputs found by name)."""
+    for name, p in self.named_parameters():
+        if name.startswith("position.") or p.dim() < 2:
+            continue
+        residual_out = name.endswith(("attn.proj.weight", "down.weight", "w_down"))
+        torch.nn.init.normal_(p, std=std / math.sqrt(2 * self.n_layers) if residual_out else std)
+    for m in self.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+
+
+@pytest.mark.parametrize("preset", options("model"))
+def test_gpt2_init_is_bit_identical_to_the_name_suffix_rule(preset, monkeypatch):
+    cfg = compose_cfg([f"model={preset}", "data.vocab_size=512", "model.attention.bias=true",
+                       "model.init=gpt2"]).model  # model=modern defaults to zero_proj
+    torch.manual_seed(3)
+    new = build_model(cfg).state_dict()
+    monkeypatch.setattr(Transformer, "_init_weights", old_suffix_init)
+    torch.manual_seed(3)
+    old = build_model(cfg).state_dict()
+    assert new.keys() == old.keys()
+    for key in new:
+        assert torch.equal(new[key], old[key]), key
+
+
+@pytest.mark.parametrize("attention,ffn", itertools.product(options("model/attention"),
+                                                            options("model/ffn")))
+def test_zero_proj_zeroes_exactly_the_residual_projections(attention, ffn):
+    parts = [f"model/attention={attention}", f"model/ffn={ffn}"]
+    gpt2, zero = small_model(*parts), small_model(*parts, "model.init=zero_proj")
+    residual = {id(p) for b in zero.blocks for p in b.attn.residual_out() + b.ffn.residual_out()}
+    by_name = dict(gpt2.named_parameters())
+    n_zero = 0
+    for name, p in zero.named_parameters():
+        if id(p) in residual:
+            n_zero += 1
+            assert not p.any() and by_name[name].any(), name
+        else:  # everything else drawn exactly as under gpt2
+            assert torch.equal(p, by_name[name]), name
+    assert n_zero >= 2 * len(zero.blocks)  # at least attention's and the FFN's in every block
+
+
+def test_zero_proj_model_learns():
+    """Zero projections get gradients at step 0; after one step every weight does; the loss falls."""
+    model = small_model("model.init=zero_proj").train()
+    idx = torch.randint(0, VOCAB, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(30):
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            for b in model.blocks:
+                assert all(p.grad.abs().sum() > 0 for p in b.attn.residual_out() + b.ffn.residual_out())
+            assert not model.blocks[0].attn.qkv.weight.grad.any()  # the block starts as the identity
+        if step == 1:
+            for name, p in model.named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_part_without_residual_out_is_refused_naming_the_group():
+    class Bare(torch.nn.Module):
+        def __init__(self, d_model):
+            super().__init__()
+            self.lin = torch.nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    cfg = compose_cfg(SMALL).model
+    from hydra.utils import instantiate
+    parts = {k: instantiate(cfg[k]) for k in ("attention", "position", "norm")}
+    with pytest.raises(ValueError, match=r"model\.ffn is Bare, which has no residual_out\(\)"):
+        Transformer(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=32,
+                    ffn=Bare, **parts)

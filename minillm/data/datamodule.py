@@ -6,6 +6,10 @@ offsets from a generator seeded with ``(seed, n * w + r)``, so it does not depen
 count, and resuming at ``start_batch = n`` replays the stream exactly from batch ``n``.
 Validation is deterministic, non-overlapping windows; bits per byte =
 ``mean nats per token / ln 2 / bytes_per_token`` (REFERENCE.md: loss * n_tokens / (n_bytes * ln 2)).
+
+With ``document_mask=True`` both streams yield ``(x, y, documents)``: ``documents`` (B, T) int64 =
+``cumsum(x == eot_id)`` along each window, so ``<|endoftext|>`` (which follows every story) opens the
+next document and the model can keep attention inside a story (``Transformer(..., documents=)``).
 """
 
 import hashlib
@@ -42,22 +46,38 @@ def _open(path: str, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
 
+def _with_documents(window: torch.Tensor, eot_id: int | None) -> tuple[torch.Tensor, ...]:
+    """(x, y) of a (B, T+1) window, plus the document ids (B, T) of x when ``eot_id`` is given."""
+    x, y = window[:, :-1], window[:, 1:]
+    if eot_id is None:
+        return x, y
+    return x, y, torch.cumsum(x == eot_id, dim=1)
+
+
+def has_story_boundary(tokens: np.ndarray, eot_id: int, chunk: int = 1 << 20) -> bool:
+    """Whether ``<|endoftext|>`` occurs before the last token (it ends every story, so a one-story
+    corpus has it last only); chunked with an early exit, so real data costs one chunk."""
+    body = tokens[:-1]
+    return any(bool((body[i:i + chunk] == eot_id).any()) for i in range(0, len(body), chunk))
+
+
 class TrainStream(IterableDataset):
     """Endless micro-batches of random windows; DataLoader workers take every k-th batch, in order."""
 
     def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, seed: int,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1,
+                 eot_id: int | None = None) -> None:
         self.path, self.dtype = path, dtype  # the memmap is opened in each worker, never pickled
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        self.eot_id = eot_id  # set: also yield document ids
 
-    def batch(self, tokens: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch ``n`` of this rank: (x, y), each (batch_size, seq_len) int64."""
+    def batch(self, tokens: np.ndarray, n: int) -> tuple[torch.Tensor, ...]:
+        """Micro-batch ``n`` of this rank: (x, y[, documents]), each (batch_size, seq_len) int64."""
         gen = torch.Generator().manual_seed(batch_seed(self.seed, n * self.world_size + self.rank))
         starts = torch.randint(0, len(tokens) - self.seq_len, (self.batch_size,), generator=gen)
         idx = starts.numpy()[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
-        window = torch.from_numpy(tokens[idx].astype(np.int64))
-        return window[:, :-1], window[:, 1:]
+        return _with_documents(torch.from_numpy(tokens[idx].astype(np.int64)), self.eot_id)
 
     def __iter__(self):
         tokens = _open(self.path, self.dtype)
@@ -74,19 +94,18 @@ class ValBatches(IterableDataset):
     """
 
     def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, lo: int,
-                 n_windows: int) -> None:
+                 n_windows: int, eot_id: int | None = None) -> None:
         self.path, self.dtype, self.seq_len, self.batch_size = path, dtype, seq_len, batch_size
-        self.lo, self.n_windows = lo, n_windows
+        self.lo, self.n_windows, self.eot_id = lo, n_windows, eot_id
 
     def __len__(self) -> int:
         return math.ceil(self.n_windows / self.batch_size)
 
-    def batch(self, tokens: np.ndarray, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``i``: (x, y), each (<= batch_size, seq_len) int64."""
+    def batch(self, tokens: np.ndarray, i: int) -> tuple[torch.Tensor, ...]:
+        """Batch ``i``: (x, y[, documents]), each (<= batch_size, seq_len) int64."""
         first = np.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.n_windows))
         idx = self.lo + first[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (B, T+1)
-        window = torch.from_numpy(tokens[idx].astype(np.int64))
-        return window[:, :-1], window[:, 1:]
+        return _with_documents(torch.from_numpy(tokens[idx].astype(np.int64)), self.eot_id)
 
     def __iter__(self):
         tokens = _open(self.path, self.dtype)
@@ -131,6 +150,7 @@ class TokenDataModule(L.LightningDataModule):
         n_stories: int = 4000,
         corpus_seed: int = 0,
         show_progress: bool = True,
+        document_mask: bool = False,
     ) -> None:
         super().__init__()
         check_vocab_size(vocab_size)
@@ -142,6 +162,9 @@ class TokenDataModule(L.LightningDataModule):
             _positive_int("val_tokens", val_tokens, seq_len + 1)
         if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
             raise ValueError(f"seed={seed!r}: must be an integer (64-bit)")
+        if not isinstance(document_mask, bool):
+            raise ValueError(f"data.document_mask={document_mask!r}: must be true or false")
+        self.document_mask = document_mask
         self.source = make_source(source, path, n_stories, corpus_seed)
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.num_workers, self.num_proc, self.val_tokens = num_workers, num_proc, val_tokens
@@ -177,9 +200,16 @@ class TokenDataModule(L.LightningDataModule):
                     f"data.seq_len={self.seq_len}: the {split} split has only "
                     f"{manifest['splits'][split]['tokens']} tokens; it needs more than seq_len"
                 )
-        self.manifest = manifest
-        self._tokenizer_json = (self.folder / "tokenizer.json").read_text()
-        self._tokenizer = load_tokenizer(self._tokenizer_json)
+        tokenizer_json = (self.folder / "tokenizer.json").read_text()
+        tokenizer = load_tokenizer(tokenizer_json)
+        train = _open(str(self.folder / "train.bin"), manifest["dtype"])
+        if self.document_mask and not has_story_boundary(train, tokenizer.token_to_id(EOT)):
+            raise ValueError(
+                f"data.document_mask=true: the training tokens of {self.source.describe} hold one "
+                f"story (no {EOT} before the last token), so there is no document boundary to "
+                "mask; valid: data.document_mask=false, or data with stories separated by "
+                f"{EOT} lines")
+        self.manifest, self._tokenizer_json, self._tokenizer = manifest, tokenizer_json, tokenizer
 
     def _ready(self) -> dict:
         if self._tokenizer is None:
@@ -247,7 +277,7 @@ class TokenDataModule(L.LightningDataModule):
         """The endless training stream of this rank, starting at ``self.start_batch``."""
         rank, world = self._rank()
         return TrainStream(*self._bin("train"), self.seq_len, self.batch_size, self.seed,
-                           self.start_batch, rank, world)
+                           self.start_batch, rank, world, self._document_eot())
 
     def train_dataloader(self) -> DataLoader:
         """Endless (x, y) micro-batches; batch n is a pure function of (seed, n, rank, world_size)."""
@@ -273,7 +303,11 @@ class TokenDataModule(L.LightningDataModule):
                 f"seq_len={self.seq_len} per rank on {world} ranks"
             )
         return ValBatches(*self._bin("validation"), self.seq_len, self.batch_size,
-                          rank * per_rank * self.seq_len, per_rank)
+                          rank * per_rank * self.seq_len, per_rank, self._document_eot())
+
+    def _document_eot(self) -> int | None:
+        """The id that opens a document, when batches carry document ids (``document_mask``)."""
+        return self.eot_id if self.document_mask else None
 
     def val_dataloader(self) -> DataLoader:
         """Deterministic, non-overlapping validation windows, in order."""

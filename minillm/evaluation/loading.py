@@ -37,6 +37,8 @@ def checkpoint_datamodule(run_cfg: DictConfig, **overrides: Any):
     for key, value in overrides.items():
         if value is not None:
             data_cfg[key] = value
+    if data_cfg.get("document_mask"):  # evaluation calls the model on whole windows: (x, y) batches
+        data_cfg.document_mask = False
     datamodule = instantiate(data_cfg)
     datamodule.setup("validate")
     return datamodule

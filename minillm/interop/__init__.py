@@ -7,10 +7,14 @@ FFN classes and their options), never from a preset name:
 
 * RoPE + RMSNorm + SwiGLU -> ``LlamaForCausalLM`` (MHA, GQA or MQA);
 * RoPE + RMSNorm + MoE    -> ``MixtralForCausalLM``;
+* RoPE + RMSNorm + SwiGLU + QK-norm (``model.attention.qk_norm``), optionally sliding windows ->
+  ``Qwen3ForCausalLM``;
 * learned positions + LayerNorm + GELU MLP + MHA -> ``GPT2LMHeadModel``.
 
-Anything else raises a ValueError naming, per architecture, the parts that block it.
-``from_hf(folder)`` is the reverse for these three ``model_type`` values. Neither needs
+Anything else raises a ValueError naming, per architecture, the parts and options that block it:
+an option of the model or a layer's attention set away from its default is refused unless the
+family maps it (``body.option_blockers``), so a new option never exports silently as if it were off.
+``from_hf(folder)`` is the reverse for these four ``model_type`` values. Neither needs
 ``transformers``; the parity tests (tests/test_hf.py) check logits and greedy tokens against it.
 
 MoE auxiliary loss: minillm computes the Mixtral load-balancing loss per layer and averages it over
@@ -29,11 +33,11 @@ from minillm.interop.body import Family
 from minillm.interop.folder import (dtype_name, read_config, read_tokenizer, read_weights,
                                     special_token, write_folder)
 from minillm.interop.gpt2 import GPT2_FAMILY
-from minillm.interop.llama import LLAMA, MIXTRAL
+from minillm.interop.llama import LLAMA, MIXTRAL, QWEN3
 from minillm.model.build import build_model
 from minillm.model.transformer import Transformer
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, GPT2_FAMILY)
+FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, QWEN3, GPT2_FAMILY)
 
 
 def hf_family(model: torch.nn.Module) -> Family:

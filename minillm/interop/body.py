@@ -4,8 +4,15 @@ A family module (``llama.py``, ``gpt2.py``) answers four questions about one Hug
 architecture: which parts of a minillm model block it (``blockers``), the ``config.json`` and
 weights of a model it can express (``hf_config``, ``hf_weights``), and the reverse
 (``minillm_config``, ``minillm_weights``).
+
+Options, not only classes, decide what a family can express: ``option_blockers`` reads every
+constructor option of a part (the model, each layer's attention, the FFN, the position scheme) and
+refuses any that differs from its default unless the family lists it as expressed. A new option on
+``Attention`` (or anywhere) is therefore refused by name until an exporter maps it, never exported
+silently as if it were off.
 """
 
+import inspect
 from typing import Any, Protocol
 
 import torch
@@ -31,6 +38,53 @@ class Family(Protocol):
 
 def named(module: nn.Module | None) -> str:
     return type(module).__name__
+
+
+# Options every family reads from the built modules (sizes, head counts, biases, eps), that only the
+# per-layer ``window`` shows (``global_every``), or that do not change the function (kernel, dropout,
+# init). ``qk_norm_eps`` does nothing while ``qk_norm`` is off; a family that takes ``qk_norm``
+# checks it.
+MODEL_EXPRESSED = frozenset({"vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len",
+                             "attention", "position", "ffn", "norm", "tie_embeddings", "dropout",
+                             "init_std", "vocab_multiple", "init"})
+ATTENTION_EXPRESSED = frozenset({"d_model", "n_heads", "n_kv_heads", "backend", "bias", "layer_idx",
+                                 "n_layers", "global_every", "qk_norm_eps"})
+MISSING = object()
+
+
+def option_blockers(module: nn.Module, key: str, expressed: frozenset[str], arch: str) -> list[str]:
+    """Constructor options of ``module`` (config key ``key``) set away from their default that
+    ``arch`` cannot express; an option whose value the module does not keep as an attribute of the
+    same name cannot be checked, so it blocks too."""
+    out = []
+    for name, param in inspect.signature(type(module).__init__).parameters.items():
+        if name == "self" or name in expressed or param.kind in (param.VAR_POSITIONAL,
+                                                                param.VAR_KEYWORD):
+            continue
+        value = getattr(module, name, MISSING)
+        if value is MISSING:
+            out.append(f"{key}.{name} is not readable from the built {named(module)}; the "
+                       f"{arch} exporter cannot tell whether it is set")
+        elif param.default is param.empty or value != param.default:
+            out.append(f"{key}.{name}={yaml_value(value)}; {arch} has no equivalent")
+    return out
+
+
+def yaml_value(value: Any) -> str:
+    """A value as the YAML/command line spells it (true, null, 'sdpa')."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return repr(value)
+
+
+def layer_option_blockers(model: Transformer, arch: str,
+                          attention: frozenset[str] = ATTENTION_EXPRESSED) -> list[str]:
+    """``option_blockers`` of the model itself and of every layer's attention (duplicates once)."""
+    out = option_blockers(model, "model", MODEL_EXPRESSED, arch)
+    for block in model.blocks:
+        out += [b for b in option_blockers(block.attn, "model.attention", attention, arch)
+                if b not in out]
+    return out
 
 
 def structure_blockers(model: nn.Module, arch: str) -> list[str]:

@@ -5,17 +5,18 @@ projections as ``Conv1D`` (y = x W + b, W of shape (in, out)), the transpose of 
 ``attn.qkv`` rows [q; k; v] -> ``attn.c_attn`` columns [q | k | v] (GPT-2 splits heads the same
 way); ``attn.proj`` -> ``attn.c_proj``; ``ffn.up`` -> ``mlp.c_fc``; ``ffn.down`` -> ``mlp.c_proj``.
 GPT-2 always has biases: a minillm model without them (the ``gpt2`` preset has ``bias: false``)
-exports zeros, and a checkpoint whose attention and MLP biases are all exactly zero imports with
-``bias: false``, so the round trip gives back the same structure. minillm's GELU is the tanh
-approximation, GPT-2's ``gelu_new``.
+exports zeros, and a checkpoint whose attention (or MLP) biases are all exactly zero imports with
+that part's ``bias: false``, so the round trip gives back the same structure. minillm's GELU is the
+tanh approximation, GPT-2's ``gelu_new``.
 """
 
 from typing import Any
 
 from torch import Tensor, nn
 
-from minillm.interop.body import (Weights, bias_or_zeros, common_config, norm_blockers, norm_eps,
-                                  norm_weight, structure_blockers, tied, vocab_rows)
+from minillm.interop.body import (Weights, bias_or_zeros, common_config, layer_option_blockers,
+                                  norm_blockers, norm_eps, norm_weight, option_blockers,
+                                  structure_blockers, tied, vocab_rows)
 from minillm.model.ffn import MLP
 from minillm.model.position import Learned
 from minillm.model.transformer import Transformer
@@ -36,6 +37,9 @@ class GPT2:
         if type(model.position) is not Learned:
             out.append(f"model.position is {type(model.position).__name__}; {arch} has learned "
                        "absolute positions")
+        else:
+            out += option_blockers(model.position, "model.position",
+                                   frozenset({"d_model", "n_heads", "max_seq_len"}), arch)
         out += norm_blockers(model, (nn.LayerNorm,), arch)
         attn, ffn = model.blocks[0].attn, model.blocks[0].ffn
         if attn.n_kv_heads != attn.n_heads:
@@ -43,7 +47,9 @@ class GPT2:
                        f"{attn.n_heads}; {arch} has one K/V head per query head (MHA)")
         if type(ffn) is not MLP:
             out.append(f"model.ffn is {type(ffn).__name__}; {arch} has a GELU MLP")
-        return out
+        else:
+            out += option_blockers(ffn, "model.ffn", frozenset({"d_model", "d_hidden", "bias"}), arch)
+        return out + layer_option_blockers(model, arch)
 
     def hf_config(self, model: Transformer) -> dict[str, Any]:
         attn, ffn = model.blocks[0].attn, model.blocks[0].ffn
@@ -95,10 +101,10 @@ class GPT2:
                 "max_seq_len": hf.get("n_positions", 1024),
                 "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "dropout": 0.0,
                 "attention": {"_target_": "minillm.model.attention.Attention", "_partial_": True,
-                              "n_kv_heads": None, "backend": "sdpa", "bias": has_bias(weights)},
+                              "n_kv_heads": None, "backend": "sdpa", "bias": has_bias(weights, "attn")},
                 "position": {"_target_": "minillm.model.position.Learned", "_partial_": True},
                 "ffn": {"_target_": "minillm.model.ffn.MLP", "_partial_": True,
-                        "d_hidden": hf.get("n_inner") or 4 * C, "bias": has_bias(weights)},
+                        "d_hidden": hf.get("n_inner") or 4 * C, "bias": has_bias(weights, "mlp")},
                 "norm": {"_target_": "torch.nn.LayerNorm", "_partial_": True,
                          "eps": hf.get("layer_norm_epsilon", 1e-5)}}
 
@@ -108,13 +114,13 @@ class GPT2:
         # Old checkpoints keep the causal-mask buffers ``attn.bias`` / ``attn.masked_bias``.
         w = Weights({k.removeprefix("transformer."): v for k, v in weights.items()},
                     ignore=(".attn.bias", ".attn.masked_bias"))
-        bias = has_bias(weights)
 
         def norm(name: str, hf_name: str) -> dict[str, Tensor]:
             return {f"{name}.weight": w.take(f"{hf_name}.weight"), f"{name}.bias": w.take(f"{hf_name}.bias")}
 
         def linear(name: str, hf_name: str) -> dict[str, Tensor]:
             weight, b = w.take(f"{hf_name}.weight").T, w.take(f"{hf_name}.bias")
+            bias = has_bias(weights, hf_name.split(".")[-2])  # "attn" or "mlp"
             return {f"{name}.weight": weight, **({f"{name}.bias": b} if bias else {})}
 
         out = {"tok_emb.weight": w.take("wte.weight"), "position.table.weight": w.take("wpe.weight"),
@@ -131,10 +137,11 @@ class GPT2:
         return out
 
 
-def has_bias(weights: dict[str, Tensor]) -> bool:
-    """False when every attention and MLP bias is exactly zero (a minillm ``bias: false`` export)."""
+def has_bias(weights: dict[str, Tensor], part: str) -> bool:
+    """False when every bias of ``part`` ("attn" or "mlp") is exactly zero (a minillm ``bias: false``
+    export); attention and MLP are told apart, as minillm sets their ``bias`` separately."""
     return any(bool(v.any()) for k, v in weights.items()
-               if k.endswith(("c_attn.bias", "c_proj.bias", "c_fc.bias")))
+               if k.endswith((f"{part}.c_attn.bias", f"{part}.c_proj.bias", f"{part}.c_fc.bias")))
 
 
 GPT2_FAMILY = GPT2()

@@ -1,6 +1,8 @@
-"""Llama (``LlamaForCausalLM``) and Mixtral (``MixtralForCausalLM``): RMSNorm, RoPE, MHA/GQA/MQA.
+"""Llama (``LlamaForCausalLM``), Mixtral (``MixtralForCausalLM``) and Qwen3 (``Qwen3ForCausalLM``):
+RMSNorm, RoPE, MHA/GQA/MQA.
 
-Llama has a SwiGLU FFN, Mixtral top-k routed SwiGLU experts; the rest is one code path. Weight
+Llama has a SwiGLU FFN, Mixtral top-k routed SwiGLU experts, Qwen3 the Llama body with QK-norm
+(``model.attention.qk_norm``) and optional sliding windows; the rest is one code path. Weight
 layouts (minillm -> Hugging Face, per layer ``model.layers.{i}.``):
 
 * ``attn.qkv`` rows [q (H*D); k (Hkv*D); v (Hkv*D)] -> ``self_attn.{q,k,v}_proj``; head h reads kv
@@ -11,6 +13,16 @@ layouts (minillm -> Hugging Face, per layer ``model.layers.{i}.``):
   ``experts.{e}.w1`` (gate) and ``w3`` (up) as (F, C); ``w_down[e]`` (F, C) -> ``experts.{e}.w2``
   (C, F). This is the Hub layout that ``save_pretrained`` writes; transformers >= 5 fuses it on
   load into ``mlp.experts.gate_up_proj`` (E, 2F, C), which ``minillm_weights`` also reads.
+* Qwen3: ``attn.q_norm`` / ``attn.k_norm`` (D,) -> ``self_attn.q_norm`` / ``self_attn.k_norm``; both
+  apply per head before the rotation in both, with config.json's one ``rms_norm_eps`` (so
+  ``model.attention.qk_norm_eps`` must equal ``model.norm.eps``). Qwen3's MLP has no biases.
+
+Windows (Qwen3): each layer's ``attn.window`` (W keys including the query's own, HF's
+``sliding_window`` convention: key j is seen when i - W < j <= i) -> ``use_sliding_window: true``,
+``sliding_window: W`` and per-layer ``layer_types`` ("sliding_attention" / "full_attention"), which
+transformers 5 reads in place of ``max_window_layers``. Its ``__post_init__`` drops
+``sliding_window`` unless ``use_sliding_window`` is true, so both are written. One W for all
+windowed layers; Llama and Mixtral refuse windows.
 
 RoPE: minillm's ``ntk`` scaling only raises theta, so it exports as the default rope type with the
 raised theta; ``linear`` exports as HF's ``linear`` rope type. config.json carries both the
@@ -22,8 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from minillm.interop.body import (Weights, common_config, norm_blockers, norm_eps, norm_weight,
+import inspect
+
+from minillm.interop.body import (ATTENTION_EXPRESSED, Weights, common_config, layer_option_blockers,
+                                  norm_blockers, norm_eps, norm_weight, option_blockers,
                                   structure_blockers, tied, vocab_rows)
+from minillm.model.attention import Attention
 from minillm.model.ffn import SwiGLU
 from minillm.model.moe import MoE
 from minillm.model.norm import RMSNorm
@@ -31,6 +47,11 @@ from minillm.model.position import RoPE
 from minillm.model.transformer import Transformer
 
 ATTENTION = "minillm.model.attention.Attention"
+ROPE_EXPRESSED = frozenset({"d_model", "n_heads", "max_seq_len", "theta", "scaling", "factor"})
+SWIGLU_EXPRESSED = frozenset({"d_model", "d_hidden", "bias"})
+# MoE options Mixtral maps, ignores as training-only (jitter, z-loss, kernel) or refuses by name in
+# ``Mixtral.variant_blockers``; a new MoE option is refused until it is listed here.
+MOE_EXPRESSED = frozenset(inspect.signature(MoE.__init__).parameters) - {"self"}
 
 
 def rope_config(pos: RoPE) -> dict[str, Any]:
@@ -69,6 +90,8 @@ class Llama:
                 "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000.0,
                 "tie_word_embeddings": False}
 
+    attention_options = ATTENTION_EXPRESSED  # Attention options this family maps
+
     # ---- minillm -> Hugging Face
     def blockers(self, model: nn.Module) -> list[str]:
         arch, out = self.architecture, structure_blockers(model, self.architecture)
@@ -77,14 +100,18 @@ class Llama:
         if type(model.position) is not RoPE:
             out.append(f"model.position is {type(model.position).__name__}; {arch} encodes "
                        "positions only with RoPE")
+        else:
+            out += option_blockers(model.position, "model.position", ROPE_EXPRESSED, arch)
         out += norm_blockers(model, (RMSNorm, nn.RMSNorm), arch)
+        out += layer_option_blockers(model, arch, self.attention_options)
         return out + self.variant_blockers(model)
 
     def variant_blockers(self, model: Transformer) -> list[str]:
         """What blocks this architecture beyond the shared body (Llama and Mixtral differ here)."""
         ffn = model.blocks[0].ffn
-        return [] if type(ffn) is SwiGLU else [
-            f"model.ffn is {type(ffn).__name__}; {self.architecture} has a SwiGLU FFN"]
+        if type(ffn) is not SwiGLU:
+            return [f"model.ffn is {type(ffn).__name__}; {self.architecture} has a SwiGLU FFN"]
+        return option_blockers(ffn, "model.ffn", SWIGLU_EXPRESSED, self.architecture)
 
     def hf_config(self, model: Transformer) -> dict[str, Any]:
         attn, ffn = model.blocks[0].attn, model.blocks[0].ffn
@@ -117,8 +144,13 @@ class Llama:
                     out.update({f"{p}self_attn.q_proj.{kind}": q, f"{p}self_attn.k_proj.{kind}": k,
                                 f"{p}self_attn.v_proj.{kind}": v,
                                 f"{p}self_attn.o_proj.{kind}": getattr(attn.proj, kind)})
+            out.update(self.attention_extra_weights(p, attn))
             out.update(self.ffn_weights(p, block.ffn))
         return out
+
+    def attention_extra_weights(self, p: str, attn: nn.Module) -> dict[str, Tensor]:
+        """Attention tensors beyond the four projections (Qwen3's q/k norms); none in Llama."""
+        return {}
 
     def ffn_weights(self, p: str, ffn: nn.Module) -> dict[str, Tensor]:
         out = {}
@@ -141,8 +173,8 @@ class Llama:
         if act != "silu":
             raise ValueError(f"from_hf: hidden_act={act!r} in config.json; minillm's SwiGLU uses 'silu'")
         C, H = self.get(hf, "hidden_size"), self.get(hf, "num_attention_heads")
-        if hf.get("head_dim") not in (None, C // H) or C % H:
-            raise ValueError(f"from_hf: head_dim={hf.get('head_dim')} with hidden_size={C} and "
+        if self.get(hf, "head_dim") not in (None, C // H) or C % H:
+            raise ValueError(f"from_hf: head_dim={self.get(hf, 'head_dim')} with hidden_size={C} and "
                              f"num_attention_heads={H}; minillm needs head_dim = hidden_size / heads")
 
     def minillm_config(self, hf: dict[str, Any], weights: dict[str, Tensor]) -> dict[str, Any]:
@@ -184,9 +216,14 @@ class Llama:
                     out[f"{b}attn.qkv.{kind}"] = torch.cat(
                         [w.take(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"])
                     out[f"{b}attn.proj.{kind}"] = w.take(f"{p}self_attn.o_proj.{kind}")
+            out.update(self.minillm_attention_extra_weights(w, p, b))
             out.update(self.minillm_ffn_weights(w, p, b, model.blocks[i].ffn))
         w.done()
         return out
+
+    def minillm_attention_extra_weights(self, w: Weights, p: str, b: str) -> dict[str, Tensor]:
+        """The reverse of ``attention_extra_weights``."""
+        return {}
 
     def minillm_ffn_weights(self, w: Weights, p: str, b: str, ffn: nn.Module) -> dict[str, Tensor]:
         out = {}
@@ -212,7 +249,7 @@ class Mixtral(Llama):
         arch, ffn, attn = self.architecture, model.blocks[0].ffn, model.blocks[0].attn
         if type(ffn) is not MoE:
             return [f"model.ffn is {type(ffn).__name__}; {arch} has a Mixture-of-Experts FFN"]
-        router, out = ffn.router, []
+        router, out = ffn.router, option_blockers(ffn, "model.ffn", MOE_EXPRESSED, arch)
         if attn.qkv.bias is not None:
             out.append(f"model.attention.bias=true; {arch} has no attention biases")
         if getattr(ffn, "shared", None) is not None:
@@ -290,4 +327,87 @@ def moe_names(ffn: nn.Module) -> dict[str, str]:
     return {k: names[id(t)] for k, t in moe_tensors(ffn).items()}
 
 
-LLAMA, MIXTRAL = Llama(), Mixtral()
+class Qwen3(Llama):
+    """``Qwen3ForCausalLM``: the Llama body with QK-norm and optional sliding-window layers."""
+
+    architecture, model_type = "Qwen3ForCausalLM", "qwen3"
+    defaults = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                "head_dim": 128, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+                "rope_theta": 10000.0, "tie_word_embeddings": False, "max_window_layers": 28}
+    attention_options = ATTENTION_EXPRESSED | {"qk_norm", "window"}
+
+    def variant_blockers(self, model: Transformer) -> list[str]:
+        arch, out = self.architecture, super().variant_blockers(model)
+        attn, ffn = model.blocks[0].attn, model.blocks[0].ffn
+        if not getattr(attn, "qk_norm", False):
+            out.append(f"model.attention.qk_norm=false; {arch} always normalises q and k per head")
+        elif attn.qk_norm_eps != norm_eps(model.norm):
+            out.append(f"model.attention.qk_norm_eps={attn.qk_norm_eps} differs from model.norm.eps="
+                       f"{norm_eps(model.norm)}; {arch} uses one rms_norm_eps for both")
+        if type(ffn) is SwiGLU and ffn.down.bias is not None:
+            out.append(f"model.ffn.bias=true; {arch} has no MLP biases")
+        if len({w for w in layer_windows(model) if w is not None}) > 1:
+            out.append(f"model.attention.window differs between layers ({layer_windows(model)}); "
+                       f"{arch} has one sliding_window")
+        return out
+
+    def hf_config(self, model: Transformer) -> dict[str, Any]:
+        windows = layer_windows(model)
+        window = next((w for w in windows if w is not None), None)
+        sliding = [w is not None for w in windows]
+        # transformers < 5 reads max_window_layers (layers >= it slide): exact when the windowed
+        # layers are a suffix; transformers 5 reads layer_types, which is always exact.
+        first = sliding.index(True) if window is not None else len(windows)
+        suffix = all(sliding[first:])
+        config = super().hf_config(model)
+        for key in ("mlp_bias", "pretraining_tp"):
+            config.pop(key)
+        return {**config, "use_sliding_window": window is not None, "sliding_window": window,
+                "max_window_layers": first if suffix else len(windows),
+                "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding]}
+
+    def attention_extra_weights(self, p: str, attn: nn.Module) -> dict[str, Tensor]:
+        return {f"{p}self_attn.q_norm.weight": attn.q_norm.weight,
+                f"{p}self_attn.k_norm.weight": attn.k_norm.weight}
+
+    # ---- Hugging Face -> minillm
+    def minillm_config(self, hf: dict[str, Any], weights: dict[str, Tensor]) -> dict[str, Any]:
+        config = super().minillm_config(hf, weights)
+        config["attention"].update(qk_norm=True, qk_norm_eps=self.get(hf, "rms_norm_eps"),
+                                   **self.window_options(hf))
+        return config
+
+    def window_options(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """minillm's ``window`` / ``global_every`` for config.json's sliding layers, as transformers
+        resolves them (``Qwen3Config.__post_init__``); a pattern minillm cannot express raises."""
+        n = self.get(hf, "num_hidden_layers")
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        types = hf.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= self.get(hf, "max_window_layers")
+            else "full_attention" for i in range(n)]
+        sliding = [t == "sliding_attention" for t in types]
+        if window is None or not any(sliding):
+            return {}
+        if "window" not in inspect.signature(Attention).parameters:
+            raise ValueError(f"from_hf: sliding_window={window} in config.json; this minillm's "
+                             "attention has no model.attention.window")
+        if all(sliding):
+            return {"window": window}
+        every = sliding.index(False) + 1  # minillm: layer i is global when (i + 1) % every == 0
+        if sliding != [(i + 1) % every != 0 for i in range(n)]:
+            raise ValueError(f"from_hf: layer_types={types} in config.json; minillm's pattern is "
+                             "global every global_every-th layer, windowed elsewhere")
+        return {"window": window, "global_every": every}
+
+    def minillm_attention_extra_weights(self, w: Weights, p: str, b: str) -> dict[str, Tensor]:
+        return {f"{b}attn.q_norm.weight": w.take(f"{p}self_attn.q_norm.weight"),
+                f"{b}attn.k_norm.weight": w.take(f"{p}self_attn.k_norm.weight")}
+
+
+def layer_windows(model: Transformer) -> list[int | None]:
+    """Each layer's attention window (None: global), as ``Attention.window`` resolves it."""
+    return [getattr(b.attn, "window", None) for b in model.blocks]
+
+
+LLAMA, MIXTRAL, QWEN3 = Llama(), Mixtral(), Qwen3()

@@ -3,6 +3,9 @@
 Contract of the ``model/attention`` group: ``Attention(d_model=..., n_heads=..., **yaml_options)``
 maps (B, T, C) -> (B, T, C). ``forward(x, position, cache)`` takes the model's shared position
 scheme (see ``position.py``) and, when decoding, a per-layer KV cache (see ``cache.py``).
+``residual_out()`` names the weights that write into the residual stream (for ``model.init``).
+With ``qk_norm`` the module owns two RMSNorms over D (``q_norm``, ``k_norm``; Qwen3, OLMo 2,
+modded-nanogpt), applied to q and k per head before the rotation, as Qwen3 does.
 
 Every kernel has the signature ``kernel(q, k, v, position, mask) -> (y, weights | None)`` with
 q (B, H, Tq, D), k and v (B, Hkv, Tk, D) kept at ``n_kv_heads`` (Ainslie et al. 2023, GQA;
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minillm.model.norm import RMSNorm
 from minillm.model.position import PositionEncoding
 
 
@@ -141,7 +145,8 @@ class Attention(nn.Module):
     """Multi-head causal self-attention with ``n_kv_heads`` shared key/value heads."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 backend: str = "sdpa", bias: bool = False) -> None:
+                 backend: str = "sdpa", bias: bool = False, qk_norm: bool = False,
+                 qk_norm_eps: float = 1e-5) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
@@ -160,6 +165,9 @@ class Attention(nn.Module):
         self.backend, self.kernel = backend, KERNELS[backend]
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.qk_norm, self.qk_norm_eps = qk_norm_options(qk_norm, qk_norm_eps)
+        norm = (lambda: RMSNorm(self.head_dim, qk_norm_eps)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()  # over D, per head; own scales in every layer
         self.record_weights = False  # set True (math backend) to keep ``attn_weights``
         self.attn_weights: Tensor | None = None
 
@@ -170,6 +178,7 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm (identity when off), before the rotation
         positions, mask = (None, None) if cache is None else (cache.positions, cache.mask)
         q, k = position.rotate(q, k, positions)
         if cache is not None:
@@ -178,3 +187,16 @@ class Attention(nn.Module):
         if self.record_weights:
             self.attn_weights = weights
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def residual_out(self) -> list[Tensor]:
+        """The output projection, which writes into the residual stream."""
+        return [self.proj.weight]
+
+
+def qk_norm_options(qk_norm: bool, eps: float) -> tuple[bool, float]:
+    """``model.attention.qk_norm`` (a bool) and ``qk_norm_eps`` (> 0), checked."""
+    if not isinstance(qk_norm, bool):
+        raise ValueError(f"model.attention.qk_norm={qk_norm!r} must be true or false")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"model.attention.qk_norm_eps={eps!r} must be a number > 0")
+    return qk_norm, float(eps)

@@ -4,7 +4,8 @@ Contract of the ``model/ffn`` group: ``FFN(d_model=..., **yaml_options)`` maps (
 A layer with an auxiliary loss (Mixture of Experts) exposes it after each forward as
 ``aux_losses: dict[str, Tensor]``, already weighted by its coefficient; the model sums these over
 layers in ``Transformer.aux_losses()`` and training adds the sum to the language-model loss.
-Dense layers have no ``aux_losses``.
+Dense layers have no ``aux_losses``. Every FFN names the weights that write into the residual stream
+with ``residual_out()``; the model gives exactly those its residual init (``model.init``).
 """
 
 import torch.nn.functional as F
@@ -29,6 +30,10 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
+    def residual_out(self) -> list[Tensor]:
+        """The output projection, which writes into the residual stream."""
+        return [self.down.weight]
+
 
 class SwiGLU(nn.Module):
     """Gated linear unit with SiLU (Shazeer 2020), as in Llama; ``d_hidden`` defaults to ~8C/3."""
@@ -42,3 +47,27 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+    def residual_out(self) -> list[Tensor]:
+        """The output projection, which writes into the residual stream."""
+        return [self.down.weight]
+
+
+class ReLU2(nn.Module):
+    """Squared-ReLU MLP of Primer (So et al. 2021), ``down(relu(up(x))^2)``; ``d_hidden`` default 4C.
+
+    modded-nanogpt's choice: as cheap as GPT-2's MLP (two matrices, no gate) and sparse activations.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int | None = None, bias: bool = False) -> None:
+        super().__init__()
+        d_hidden = d_hidden or 4 * d_model
+        self.up = nn.Linear(d_model, d_hidden, bias=bias)
+        self.down = nn.Linear(d_hidden, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+    def residual_out(self) -> list[Tensor]:
+        """The output projection, which writes into the residual stream."""
+        return [self.down.weight]

@@ -135,6 +135,10 @@ class MoE(nn.Module):
                 "entropy": -torch.xlogy(probs, probs).sum(dim=-1).mean(),
                 "dropped": dropped.float(), "balance_loss": balance.detach(), "z_loss": z.detach()}
 
+    def residual_out(self) -> list[Tensor]:
+        """The experts' down projections (and the shared experts'), which write into the residual."""
+        return [self.experts.w_down] + (self.shared.residual_out() if self.shared is not None else [])
+
     def update_bias(self) -> None:
         """Auxiliary-loss-free balancing step (after each optimizer step); no-op when disabled."""
         self.router.update_bias()

@@ -8,6 +8,12 @@ fills in the shared sizes itself, so component YAML files never repeat them:
     ffn(d_model=C)                               -> nn.Module   (ffn.py, moe.py)
     norm(C)                                      -> nn.Module   (torch.nn.LayerNorm / RMSNorm)
 
+Init contract (``model.init``): every attention and FFN module lists the weights that write into the
+residual stream in ``residual_out()`` (its output projections); the model draws every matrix from
+N(0, init_std) and then gives exactly those std / sqrt(2 * n_layers) (``gpt2``, GPT-2's scaled init)
+or zero (``zero_proj``: each block starts as the identity; modded-nanogpt). A new part gets the
+residual init by declaring ``residual_out()``; the transformer never guesses from parameter names.
+
 Notation: B batch, T time, C d_model, V vocab_size, L max_seq_len.
 """
 
@@ -36,13 +42,41 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
+INITS = ("gpt2", "zero_proj")
+
+
+def residual_out(part: nn.Module, group: str) -> list[Tensor]:
+    """The weights ``part`` writes into the residual stream with (see the init contract above)."""
+    if not callable(getattr(part, "residual_out", None)):
+        raise ValueError(f"model.{group} is {type(part).__name__}, which has no residual_out(): "
+                         "declare the weights that write into the residual stream (init contract)")
+    return list(part.residual_out())
+
+
+class SoftCap(nn.Module):
+    """Logit soft-capping ``cap * tanh(logits / cap)`` (Gemma 2; modded-nanogpt uses 15-30).
+
+    Smoothly bounds the logits to (-cap, cap) while leaving small ones almost unchanged.
+    """
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+            raise ValueError(f"model.logit_softcap={cap!r} must be a number > 0 (or null for none)")
+        self.cap = float(cap)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return self.cap * torch.tanh(logits / self.cap)
+
+
 class Transformer(nn.Module):
     """Token embedding, ``n_layers`` blocks, final norm and a (tied) language-model head."""
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_seq_len: int,
                  attention: Callable, position: Callable, ffn: Callable, norm: Callable,
                  tie_embeddings: bool = True, dropout: float = 0.0, init_std: float = 0.02,
-                 vocab_multiple: int = 64) -> None:
+                 vocab_multiple: int = 64, init: str = "gpt2",
+                 logit_softcap: float | None = None) -> None:
         super().__init__()
         for key, value in [("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
                            ("n_heads", n_heads), ("max_seq_len", max_seq_len),
@@ -53,7 +87,11 @@ class Transformer(nn.Module):
             valid = [h for h in range(1, d_model + 1) if d_model % h == 0 and h <= 64]
             raise ValueError(f"model.n_heads={n_heads} must divide model.d_model={d_model}; "
                              f"valid head counts: {valid}")
+        if init not in INITS:
+            raise ValueError(f"model.init={init!r} is not one of {list(INITS)}")
         self.vocab_size, self.max_seq_len, self.n_layers = vocab_size, max_seq_len, n_layers
+        self.init, self.logit_softcap = init, logit_softcap
+        self.softcap = SoftCap(logit_softcap) if logit_softcap is not None else nn.Identity()
         # Embedding rows padded to a multiple of ``vocab_multiple`` keep matmuls on fast tile sizes
         # (nanoGPT measured ~25% on GPT-2's 50257); logits are cut back to ``vocab_size``.
         padded = -(-vocab_size // vocab_multiple) * vocab_multiple
@@ -66,17 +104,24 @@ class Transformer(nn.Module):
                   dropout) for _ in range(n_layers))
         self.norm = norm(d_model)
         self.lm_head = nn.Linear(d_model, padded, bias=False)
-        self._init_weights(init_std)
+        self._init_weights(init_std, init)
         if tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def _init_weights(self, std: float) -> None:
-        """GPT-2 init: N(0, std), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+    def _init_weights(self, std: float, init: str) -> None:
+        """N(0, std) for every matrix; the blocks' ``residual_out()`` weights scaled (``gpt2``) or zero.
+
+        Every matrix is drawn in ``named_parameters`` order under both inits, so ``zero_proj`` differs
+        from ``gpt2`` only in the zeroed projections, and ``gpt2`` equals the pre-contract init exactly.
+        """
+        residual = {id(p) for block in self.blocks for p in residual_out(block.attn, "attention")
+                    + residual_out(block.ffn, "ffn")}
         for name, p in self.named_parameters():
             if name.startswith("position.") or p.dim() < 2:
                 continue
-            residual_out = name.endswith(("attn.proj.weight", "down.weight", "w_down"))
-            nn.init.normal_(p, std=std / math.sqrt(2 * self.n_layers) if residual_out else std)
+            nn.init.normal_(p, std=std / math.sqrt(2 * self.n_layers) if id(p) in residual else std)
+            if init == "zero_proj" and id(p) in residual:
+                nn.init.zeros_(p)
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -108,9 +153,10 @@ class Transformer(nn.Module):
         return self.logits(x)
 
     def logits(self, x: Tensor) -> Tensor:
-        """Final norm and language-model head: (B, T, C) -> (B, T, V)."""
+        """Final norm, language-model head and soft-capping (if any): (B, T, C) -> (B, T, V)."""
         logits = self.lm_head(self.norm(x))
-        return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
+        logits = logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
+        return self.softcap(logits)
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Weighted auxiliary losses of the latest forward, averaged over the layers that have them."""

@@ -166,6 +166,9 @@ class MetricsHistory(JsonLines):
             "val_loss": _float(metrics.get("val/loss")),
             "val_ppl": _float(metrics.get("val/ppl")),
             "val_bpb": _float(metrics.get("val/bpb")),
+            **({"val_loss_unmasked": _float(metrics["val/loss_unmasked"]),  # data.document_mask
+                "val_bpb_unmasked": _float(metrics.get("val/bpb_unmasked"))}
+               if "val/loss_unmasked" in metrics else {}),
             "train_loss": _float(metrics.get("train/loss")),
             # from ThroughputMonitor, when it is among the callbacks
             "tokens_per_sec": _float(metrics.get("train/tokens_per_sec")),

@@ -2,7 +2,9 @@
 
 Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
 (LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks); after each
-validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text). Throughput
+validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text); with
+``data.document_mask`` (batches ``(x, y, documents)``) those are as trained, attention kept inside
+each story, and val/loss_unmasked, val/bpb_unmasked score the same windows without the mask. Throughput
 (tokens/s, MFU, peak memory) is the ``ThroughputMonitor`` callback's, from ``tokens_seen``.
 
 Reliability: a non-finite loss stops the run with ``NonFiniteError`` naming the step, before any
@@ -47,6 +49,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_param_groups(factory: Callable, model: nn.Module) -> list[dict[str, Any]]:
+    """The groups the optimizer ``factory`` (a class or partial) takes: its class's own
+    ``param_groups_of(model, weight_decay)`` (``MuonAdamW``), else ``param_groups``."""
+    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+    target = getattr(factory, "func", factory)
+    return getattr(target, "param_groups_of", param_groups)(model, weight_decay)
+
+
 class LanguageModel(L.LightningModule):
     """Trains a ``Transformer``; checkpoints carry the resolved config and the tokenizer JSON."""
 
@@ -64,15 +74,17 @@ class LanguageModel(L.LightningModule):
         self._nonfinite: Tensor | None = None  # device-side flag since the last check (GPU)
         self._pending_rng: dict[str, Any] | None = None  # restored at the first batch after a resume
         self._progress_step = -1
-        self._val_sum: Tensor | None = None
+        self._val_sum: Tensor | None = None  # (2,): as trained; without the document mask
         self._val_count = 0
+        self._val_documents = False
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch  # (B, T) each
-        loss = self.model(x, targets=y)  # the loss inside the (compiled) forward: fused with the head
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y, *documents = batch  # (B, T) each; documents (B, T) with data.document_mask
+        # the loss inside the (compiled) forward: fused with the head
+        loss = self.model(x, targets=y, **_documents(documents))
         aux = self.model.aux_losses()
         total = loss + sum(aux.values()) if aux else loss
         self.tokens_seen += y.numel() * self.trainer.world_size
@@ -151,27 +163,34 @@ class LanguageModel(L.LightningModule):
             self.trainer.should_stop = True
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
+        self._val_sum, self._val_count = torch.zeros(2, device=self.device), 0
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self._val_sum += self.model(x, targets=y) * y.numel()
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x, y, *documents = batch
+        self._val_sum[0] += self.model(x, targets=y, **_documents(documents)) * y.numel()
+        if documents:
+            self._val_sum[1] += self.model(x, targets=y) * y.numel()
+            self._val_documents = True
         self._val_count += y.numel()
 
     def on_validation_epoch_end(self) -> None:
         strategy = self.trainer.strategy
         total = strategy.reduce(self._val_sum, reduce_op="sum")
         count = strategy.reduce(torch.tensor(float(self._val_count), device=self.device), reduce_op="sum")
-        loss = total / count.clamp(min=1)
+        loss, unmasked = total / count.clamp(min=1)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", loss.exp())
+        if self._val_documents:
+            self.log("val/loss_unmasked", unmasked)
         bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", None)
         if bytes_per_token:
             self.log("val/bpb", loss / math.log(2) / bytes_per_token)
+            if self._val_documents:
+                self.log("val/bpb_unmasked", unmasked / math.log(2) / bytes_per_token)
 
     def configure_optimizers(self) -> dict[str, Any]:
         keywords = getattr(self.optimizer_factory, "keywords", {})
-        groups = param_groups(self.model, keywords.get("weight_decay", 0.0))
+        groups = optimizer_param_groups(self.optimizer_factory, self.model)
         if keywords.get("fused") is None and self.device.type == "cuda" and _takes_fused(self.optimizer_factory):
             # one kernel for the whole update instead of a few per tensor
             optimizer = self.optimizer_factory(groups, fused=True)
@@ -215,6 +234,12 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         self.nonfinite_skips = int(checkpoint.get("nonfinite_skips", 0))
         self._pending_rng = checkpoint.get("rng_states")
+
+
+def _documents(documents: list[Tensor]) -> dict[str, Tensor]:
+    """The model's ``documents=`` keyword when the batch carries document ids, else nothing, so the
+    default path calls the model exactly as before."""
+    return {"documents": documents[0]} if documents else {}
 
 
 def check_finite(state_dict: dict[str, Tensor], step: int) -> None:

@@ -31,7 +31,9 @@ def resolve_warmup(warmup_steps: int | str, max_steps: int) -> int:
 
 
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int | str, max_steps: int, min_lr: float) -> LambdaLR:
-    """A per-step ``LambdaLR`` following ``warmup_cosine_lr`` from each group's initial lr."""
+    """A per-step ``LambdaLR`` following ``warmup_cosine_lr`` from each group's initial lr, down to
+    ``min_lr`` scaled by that lr over the first group's (``optimizer.lr``): every group decays by
+    the same factor, also with Muon's own lr (``optimizer=muon``)."""
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"scheduler.max_steps={max_steps!r} must be a positive integer "
                          "(it follows trainer.max_steps; set trainer.max_steps=N)")
@@ -46,6 +48,7 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int | str, max_steps: int,
     # Closures, not callable objects: LambdaLR then keeps them out of its state_dict, so checkpoints
     # hold plain data only.
     def factor(lr: float):
-        return lambda step: warmup_cosine_lr(step, lr, warmup_steps, max_steps, min_lr) / lr if lr else 0.0
+        floor = min_lr * lr / base[0] if base[0] else min_lr
+        return lambda step: warmup_cosine_lr(step, lr, warmup_steps, max_steps, floor) / lr if lr else 0.0
 
     return LambdaLR(optimizer, [factor(lr) for lr in base])

@@ -1,0 +1,181 @@
+"""``MuonAdamW``: ``torch.optim.Muon`` for the hidden matrices, ``torch.optim.AdamW`` for the rest,
+behind the one ``torch.optim.Optimizer`` that Lightning, the schedule and checkpoints see.
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; Liu et al. 2025, "Muon is
+scalable for LLM training") orthogonalizes the momentum of a 2-D weight before the update, so it is
+meant for the matrices of the hidden layers only. Which parameter goes where
+(``MuonAdamW.param_groups_of``):
+
+- Muon: the weight of every ``nn.Linear`` inside ``model.blocks`` (attention ``qkv`` and ``proj``,
+  FFN ``up``/``gate_up``/``down``), with ``optimizer.weight_decay``.
+- AdamW, decayed: every other matrix: MoE routers (a ``TopKRouter``'s d_model x n_experts
+  projection picks experts; it is a classifier head, not a hidden layer), the 3-D MoE expert banks
+  (E, C, F) (``torch.optim.Muon`` accepts 2-D parameters only and has no batched form), and an
+  untied LM head (outside the blocks).
+- AdamW, no decay: embeddings (the tied LM head with them), norms, biases.
+
+Fused matrices: ``qkv`` (q, k and v rows stacked) and ``gate_up`` are orthogonalized as one matrix,
+not per block as modded-nanogpt does for q, k, v. Muon is steepest descent under the spectral norm
+of a linear map; the fused matrix is the map C -> (q, k, v) the model has, so its orthogonalized
+update is a valid Muon step of that map, and it keeps Muon on real leaf parameters: splitting would
+mean optimizer-private views of parameter storage that Lightning, DDP, FSDP and checkpoints know
+nothing about (torch's Muon takes whole parameters). The cost is coupling: a large k gradient
+shrinks the q block's share of the unit-spectral-norm update. ``tests/test_recipe.py`` pins the
+choice (the fused update equals torch's Muon on the whole matrix).
+
+Learning rates: Muon has its own, ``muon_lr`` = 0.02 with ``adjust_lr_fn="original"`` (Keller
+Jordan's: the update scaled by sqrt(max(1, rows / cols))); AdamW keeps ``lr``. Measured on the
+synthetic corpus (NOTES_recipe.md) this beat Moonlight's ``match_rms_adamw`` at AdamW's lr
+(``muon_lr: null``), which remains one setting away. The warmup-cosine schedule scales every group
+by the same factor from its own initial lr (``minillm.training.schedule``). Muon's decoupled weight
+decay is ``muon_lr * weight_decay`` per step (torch's rule).
+"""
+
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import AdamW, Muon, Optimizer
+
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+
+
+def _hidden_matrices(model: nn.Module) -> set[int]:
+    """ids of the weights that Muon updates: 2-D ``nn.Linear`` weights in ``model.blocks``, routers excluded."""
+    from minillm.model.router import TopKRouter  # the model package stays free of training imports
+
+    routers = {id(p) for m in model.modules() if isinstance(m, TopKRouter) for p in m.parameters()}
+    blocks = getattr(model, "blocks", nn.ModuleList())
+    return {id(m.weight) for m in blocks.modules()
+            if isinstance(m, nn.Linear) and m.weight.dim() == 2 and id(m.weight) not in routers}
+
+
+class MuonAdamW(Optimizer):
+    """Muon for the hidden matrices, AdamW for everything else, as one optimizer.
+
+    ``param_groups`` exposes both optimizers' groups (AdamW's first, so group 0 carries
+    ``optimizer.lr``), the same dict objects the inner optimizers read, so a scheduler sets every
+    group's lr; ``state_dict`` is the standard flat format over all groups; ``step(closure)`` calls
+    the closure once. torch has no composite optimizer (``ZeroRedundancyOptimizer`` and the
+    ``_NamedOptimizer`` wrappers hold one class), hence this small one.
+    """
+
+    def __init__(self, params: Iterable[dict[str, Any]] | Iterable[Tensor], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, muon_lr: float | None = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5,
+                 adjust_lr_fn: str = "original", fused: bool | None = None) -> None:
+        muon_lr = lr if muon_lr is None else muon_lr
+        _check(lr, muon_lr, betas, eps, weight_decay, momentum, nesterov, ns_steps, adjust_lr_fn)
+        muon_groups, adamw_groups, params = [], [], list(params)
+        if params and isinstance(params[0], Tensor):  # plain parameters: all AdamW's
+            params = [{"params": params}]
+        for group in params:
+            group = dict(group)
+            if group["params"]:  # empty groups (a model without routers) would only shift indices
+                (muon_groups if group.pop("muon", False) else adamw_groups).append(group)
+        self.optimizers: list[Optimizer] = [AdamW(adamw_groups, lr=lr, betas=tuple(betas), eps=eps,
+                                                  weight_decay=weight_decay, fused=fused)]
+        if muon_groups:
+            self.optimizers.append(Muon(muon_groups, lr=muon_lr, weight_decay=weight_decay,
+                                        momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                        adjust_lr_fn=adjust_lr_fn))
+        super().__init__([g for o in self.optimizers for g in o.param_groups], {})
+        self._state = _States(self.optimizers)
+
+    @staticmethod
+    def param_groups_of(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Three groups: Muon's hidden matrices, AdamW's other matrices (decayed), AdamW's
+        embeddings, norms and biases (not decayed). ``configure_optimizers`` calls this."""
+        hidden, embeddings = _hidden_matrices(model), {
+            id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        muon, decay, no_decay = [], [], []
+        for p in model.parameters():  # tied weights are yielded once
+            if p.requires_grad:
+                if id(p) in hidden:
+                    muon.append(p)
+                else:
+                    (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return [{"params": muon, "weight_decay": weight_decay, "muon": True},
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    @property
+    def state(self) -> MutableMapping:
+        """Both optimizers' per-parameter state (``state_dict`` and Lightning's device moves use it)."""
+        return self._state
+
+    @state.setter
+    def state(self, value) -> None:  # Optimizer.__init__ assigns an empty one: the inner ones hold it
+        pass
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every group; ``closure`` (Lightning's forward + backward) runs once."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` of a ``MuonAdamW`` over the same groups, in order."""
+        saved, state, start = state_dict["param_groups"], state_dict["state"], 0
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer state has {len(saved)} parameter groups, this "
+                             f"optimizer {len(self.param_groups)}: not a state of this model and optimizer")
+        for optimizer in self.optimizers:
+            part = saved[start:start + len(optimizer.param_groups)]
+            ids = [i for g in part for i in g["params"]]
+            optimizer.load_state_dict({"state": {i: state[i] for i in ids if i in state},
+                                       "param_groups": part})
+            start += len(part)
+        # torch's load_state_dict gives each optimizer new group dicts: expose those
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+
+class _States(MutableMapping):
+    """The per-parameter state of several optimizers as one mapping; a write goes to the owner."""
+
+    def __init__(self, optimizers: list[Optimizer]) -> None:
+        self.owner = {id(p): o for o in optimizers for g in o.param_groups for p in g["params"]}
+        self.optimizers = optimizers
+
+    def __getitem__(self, p: Tensor) -> dict[str, Any]:
+        return self.owner[id(p)].state[p]
+
+    def __setitem__(self, p: Tensor, value: dict[str, Any]) -> None:
+        self.owner[id(p)].state[p] = value
+
+    def __delitem__(self, p: Tensor) -> None:
+        del self.owner[id(p)].state[p]
+
+    def __iter__(self):
+        return (p for o in self.optimizers for p in o.state)
+
+    def __len__(self) -> int:
+        return sum(len(o.state) for o in self.optimizers)
+
+
+def _check(lr, muon_lr, betas, eps, weight_decay, momentum, nesterov, ns_steps, adjust_lr_fn) -> None:
+    """The settings torch's Muon and AdamW reject (some only at the first step), as one line
+    naming ``optimizer.<key>``, its value and what is valid."""
+    for key, value in (("lr", lr), ("muon_lr", muon_lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"optimizer.{key}={value!r} must be a number >= 0")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"optimizer.eps={eps!r} must be a number > 0")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"optimizer.betas={list(betas)!r} must be two numbers in [0, 1)")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"optimizer.momentum={momentum!r} must be in [0, 1)")
+    if not isinstance(nesterov, bool):
+        raise ValueError(f"optimizer.nesterov={nesterov!r} must be true or false")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+        raise ValueError(f"optimizer.ns_steps={ns_steps!r} must be an integer in [1, 100)")
+    if adjust_lr_fn not in ADJUST_LR_FNS:
+        raise ValueError(f"optimizer.adjust_lr_fn={adjust_lr_fn!r} must be one of "
+                         f"{', '.join(ADJUST_LR_FNS)}")
