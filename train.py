@@ -4,16 +4,14 @@ import hydra
 from omegaconf import DictConfig
 
 from minillm.cli import composition_errors, config_errors
-from minillm.training import train
-from minillm.validation import validate
+from minillm.training import assemble, train
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Check the config, then train; return the final validation loss (Hydra sweepers read it)."""
+    """Build and check the run, then train it; return the final validation loss (Hydra sweepers read it)."""
     with config_errors():
-        validate(cfg)
-        return train(cfg).get("val/loss")
+        return train(assemble(cfg)).get("val/loss")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def run_shape(name: str, args, loss_inside: bool = True) -> float:
     def step(i: int) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if loss_inside:  # as LanguageModel.training_step
-                loss = fwd(data[i, :, :-1], targets=data[i, :, 1:])
+                loss = fwd(data[i, :, :-1], targets=data[i, :, 1:]).loss
             else:
                 logits = fwd(data[i, :, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), data[i, :, 1:].flatten())
@@ -99,8 +99,7 @@ def run_shape(name: str, args, loss_inside: bool = True) -> float:
 def run_lightning(name: str, args) -> dict[str, float]:
     """Train ``name`` through ``minillm.training.train`` for 2 x steps (the first window holds
     compilation); return the metrics of the last ``steps`` steps (ThroughputMonitor's)."""
-    from minillm.training import train
-    from minillm.validation import validate
+    from minillm.training import assemble, train
 
     _, _, _, T, _, batch = SHAPES[name]
     batch, steps = args.batch or batch, args.steps
@@ -119,8 +118,7 @@ def run_lightning(name: str, args) -> dict[str, float]:
             "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
             "+trainer.enable_progress_bar=false", "~callbacks.progress_bar",
             f"callbacks.throughput.peak_flops={args.peak_flops or 'null'}"])
-        validate(cfg)
-        metrics = train(cfg)
+        metrics = train(assemble(cfg))
     tps, util = metrics.get("train/tokens_per_sec"), metrics.get("train/mfu")
     util_s = f"{100 * util:5.1f}%" if util is not None else "  n/a"
     mem = metrics.get("train/peak_memory_mb", float("nan")) / 1024

@@ -14,6 +14,7 @@ from typing import Iterator
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException, \
     OverrideParseException
 
+from minillm.config import root_cause
 from minillm.data import DataUnavailableError
 
 
@@ -29,10 +30,7 @@ def config_errors() -> Iterator[None]:
         print(f"error: {e}", file=sys.stderr)
         _exit_unless_multirun(1, e)
     except (ValueError, InstantiationException, DataUnavailableError) as e:
-        cause: BaseException = e
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        print(f"error: {_one_line(str(cause))}", file=sys.stderr)
+        print(f"error: {_one_line(str(root_cause(e)))}", file=sys.stderr)
         _exit_unless_multirun(2, e)
 
 
@@ -69,7 +67,8 @@ def composition_message(e: Exception) -> str:
     """One line for a Hydra composition error; for a missing option, the group's valid options."""
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
         group, _, name = e.missing_cfg_file.rpartition("/")
-        return f"{group}={name}: no such option; valid: {', '.join(sorted(e.options))}"
+        valid = sorted(o for o in e.options if not o.startswith("_"))  # _base.yaml: not an option
+        return f"{group}={name}: no such option; valid: {', '.join(valid)}"
     text = str(e)
     if e.__cause__ is not None and str(e.__cause__) not in text:
         text += f" ({e.__cause__})"

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from minillm.config import is_int
+from minillm.data.tokenizer import EOT
 from minillm.model.cache import KVCache
 
 
@@ -127,3 +129,34 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
             break
         ids, fresh = torch.cat([ids, nxt[:, None]], dim=1), nxt[:, None]
     return out
+
+
+def check_sampling(prefix: str, max_new_tokens, num_samples, temperature, top_k, top_p,
+                   min_new_tokens: int = 0) -> None:
+    """Reject bad sampling settings (``eval.py mode=sample``, the ``SampleText`` callback) with one
+    message naming ``<prefix><key>=<value>: ...``."""
+    def bad(key: str, value, valid: str) -> ValueError:
+        return ValueError(f"{prefix}{key}={value!r}: {valid}")
+
+    if not is_int(max_new_tokens, min_new_tokens):
+        raise bad("max_new_tokens", max_new_tokens, f"must be an integer >= {min_new_tokens}")
+    if not is_int(num_samples):
+        raise bad("num_samples", num_samples, "must be an integer >= 1")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise bad("temperature", temperature, "must be a number >= 0 (0 = greedy)")
+    if top_k is not None and not is_int(top_k):
+        raise bad("top_k", top_k, "must be an integer >= 1, or null for no filter")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise bad("top_p", top_p, "must be in (0, 1], or null for no filter")
+
+
+def continuations(model, tokenizer, prompt: str, num_samples: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None, use_cache: bool = True,
+                  stream: Callable[[int, int], None] | None = None) -> list[str]:
+    """``num_samples`` texts continuing ``prompt`` (encoded after EOT): prompt included, EOT excluded."""
+    eot = tokenizer.token_to_id(EOT)
+    prompt_ids = tokenizer.encode(prompt).ids
+    rows = generate(model, [[eot] + prompt_ids] * num_samples, max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, eos_id=eot, seed=seed, use_cache=use_cache, stream=stream)
+    return [tokenizer.decode(prompt_ids + [t for t in row if t != eot]) for row in rows]

@@ -17,8 +17,9 @@ CONFIGS = ROOT / "configs"
 
 
 def options(group: str) -> list[str]:
-    """Names of the YAML files in a config group folder, e.g. ``options("model/position")``."""
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    """Names of the YAML files in a config group folder, e.g. ``options("model/position")``; a
+    leading underscore marks a base that options inherit from (``model/_base.yaml``), not an option."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def compose_cfg(overrides: list[str] = (), config_name: str = "train", return_hydra_config: bool = False):
@@ -32,14 +33,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-# A few-second training run on CPU: 1-layer d_model 32 model, 32-token windows, a 50-story corpus.
-TINY_TRAIN = [
-    "model=tiny", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32",
-    "data=synthetic", "data.n_stories=50", "data.vocab_size=512", "data.batch_size=4",
-    "data.num_workers=0", "data.num_proc=1", "+data.show_progress=false",
-    "trainer=cpu", "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1", "scheduler.warmup_steps=1", "logger=csv",
-]
+# A few-second training run on CPU (configs/debug/fast.yaml: 1-layer d_model 32 model, 32-token
+# windows, a 50-story corpus); command-line overrides after it win, groups and values alike.
+TINY_TRAIN = ["debug=fast"]
 
 
 @pytest.fixture(scope="session")

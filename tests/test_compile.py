@@ -27,7 +27,7 @@ def test_compiled_training_forward_is_one_graph_and_matches_eager():
     model = tiny_preset()
     compiled = torch.compile(model, fullgraph=True)  # fails on any graph break
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    loss, ref = compiled(idx, targets=targets), model(idx, targets=targets)
+    loss, ref = compiled(idx, targets=targets).loss, model(idx, targets=targets).loss
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
@@ -47,7 +47,7 @@ def test_the_gpu_trainer_path_runs_on_cpu_and_tracks_the_eager_fp32_run(tiny_run
     """trainer=gpu's own settings (bf16-mixed autocast, torch.compile with the loss inside, fused
     AdamW, the non-finite check at log steps) on CPU: the same validation losses as the eager fp32
     run of the same data and seed, to bf16 accuracy; the checkpoint keeps the eager names."""
-    overrides = ["trainer=gpu" if o == "trainer=cpu" else o for o in TINY_TRAIN] + [
+    overrides = TINY_TRAIN + ["trainer=gpu",
         "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0", "compile=true",
         "+optimizer.fused=true", "nonfinite.check=log", f"run_dir={tmp_path}",
         f"data.cache_dir={tiny_run.parent.parent / 'data_cache'}"]

@@ -23,7 +23,7 @@ from minillm.model import build_model
 from minillm.training.throughput import PEAK_FLOPS, flops_per_token, mfu, peak_flops
 
 # TINY_TRAIN with 16 validation windows (8 per rank) all evaluated, so both runs see the same ones.
-DDP_TRAIN = [o for o in TINY_TRAIN if not o.startswith(("trainer.max_steps", "trainer.limit_val"))] + [
+DDP_TRAIN = TINY_TRAIN + [
     "trainer.max_steps=4", "scheduler.max_steps=4", "trainer.limit_val_batches=4",
     f"data.val_tokens={16 * 32 + 1}",
 ]

@@ -47,7 +47,7 @@ def test_combination_is_causal_trainable_and_starts_near_uniform(attention, posi
     # Loss at init is close to ln(V): the model starts near uniform.
     logits = model(idx[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
-    aux = sum(model.aux_losses().values(), torch.zeros(()))
+    aux = sum(model(idx[:, :-1], targets=idx[:, 1:]).aux.values(), torch.zeros(()))
     assert torch.isfinite(loss) and abs(loss.item() - math.log(VOCAB)) < 0.3
     (loss + aux).backward()
     for name, p in model.named_parameters():
@@ -246,7 +246,7 @@ def test_forward_with_targets_is_the_cross_entropy_of_the_logits(ffn, softcap):
     kept = targets.flatten() != -100
     log_probs = logits.flatten(0, 1)[kept].log_softmax(-1)
     by_hand = -log_probs.gather(1, targets.flatten()[kept, None]).mean()
-    loss = model(idx, targets=targets)
+    loss = model(idx, targets=targets).loss
     torch.testing.assert_close(loss, by_hand)
     params = [p for p in model.parameters() if p.requires_grad]
     for g, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(by_hand, params)):

@@ -20,7 +20,7 @@ from minillm.model.attention import Attention
 from minillm.training.module import optimizer_param_groups
 from minillm.training.optimizers import MuonAdamW
 from minillm.training.schedule import warmup_cosine, warmup_cosine_lr
-from minillm.validation import validate
+from minillm.training import assemble
 
 # Parts of the recipe come from other branches (parts: relu2, qk_norm, init, logit_softcap;
 # masks: local_global windows, Transformer(documents=)): what needs them runs once they are merged.
@@ -113,7 +113,7 @@ def test_schedule_scales_every_group_from_its_own_lr_and_the_closure_runs_once()
         assert inner == [g["lr"] for g in optimizer.param_groups]  # the same group dicts
         model.zero_grad()
         optimizer.step(lambda: calls.append(1) or model(torch.randint(0, 512, (2, 8)),
-                                                         targets=torch.randint(0, 512, (2, 8))).backward())
+                                                         targets=torch.randint(0, 512, (2, 8))).loss.backward())
         scheduler.step()
     assert len(calls) == 12
     assert {g["initial_lr"] for g in optimizer.param_groups} == {1e-3, 0.02}
@@ -126,7 +126,7 @@ def test_state_dict_round_trips_and_the_loaded_optimizer_continues_identically()
     x = torch.randint(0, 512, (2, 8))
     for _ in range(2):
         models[0].zero_grad()
-        models[0](x, targets=x).backward()
+        models[0](x, targets=x).loss.backward()
         first.step()
     models[1].load_state_dict(models[0].state_dict())
     second = _muon(models[1])
@@ -137,7 +137,7 @@ def test_state_dict_round_trips_and_the_loaded_optimizer_continues_identically()
     assert second.param_groups[-1] is second.optimizers[-1].param_groups[-1]  # still shared
     for model, optimizer in zip(models, (first, second)):
         model.zero_grad()
-        model(x, targets=x).backward()
+        model(x, targets=x).loss.backward()
         optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
@@ -174,10 +174,10 @@ def test_muon_run_resumes_bit_identically(cache, tmp_path):
     ("optimizer.betas=[0.9,1.0]", "optimizer.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
     ("optimizer.eps=0", "optimizer.eps=0 must be a number > 0"),
 ])
-def test_bad_muon_settings_fail_in_validate_naming_the_key(override, message, cache, tmp_path):
+def test_bad_muon_settings_fail_in_assemble_naming_the_key(override, message, cache, tmp_path):
     cfg = compose_cfg(TINY_TRAIN + [f"run_dir={tmp_path}", f"data.cache_dir={cache}", "optimizer=muon", override])
     with pytest.raises(ValueError) as info:
-        validate(cfg)
+        assemble(cfg)
     assert message in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(SystemExit) as exit_info:  # train.py: the same line, before any data is read
         _train(tmp_path / "run", tmp_path / "fresh_cache", "optimizer=muon", override)

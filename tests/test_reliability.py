@@ -21,10 +21,10 @@ import train
 from minillm import load_checkpoint
 from minillm.checkpoint import read_checkpoint
 from minillm.model import Transformer, build_model
-from minillm.training import checkpoint_io
-from minillm.training.checkpoint_io import AtomicCheckpointIO, partial_path
+from minillm.files import partial_path
+from minillm.training import assemble, assembly, checkpoint_io
+from minillm.training.checkpoint_io import AtomicCheckpointIO
 from minillm.training.module import LanguageModel, NonFiniteError, check_finite
-from minillm.validation import validate
 
 # 12 steps of the tiny model, a checkpoint every 3; dropout so that the RNG state matters on resume.
 RUN = TINY_TRAIN + ["trainer.max_steps=12", "trainer.val_check_interval=3",
@@ -154,7 +154,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 ])
 def test_validate_names_the_key_value_and_valid_choices(overrides, message, cache, tmp_path):
     with pytest.raises(ValueError) as info:
-        validate(compose_cfg(_overrides(tmp_path, cache, *overrides)))
+        assemble(compose_cfg(_overrides(tmp_path, cache, *overrides)))
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -162,14 +162,14 @@ def test_validate_refuses_gpu_without_cuda(cache, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match="trainer.accelerator=gpu but no CUDA device"):
-        validate(compose_cfg(_overrides(tmp_path, cache, "trainer=gpu")))
+        assemble(compose_cfg(_overrides(tmp_path, cache, "trainer=gpu")))
 
 
 def test_resume_into_a_different_model_is_refused(straight, cache, tmp_path):
     cfg = compose_cfg(_overrides(tmp_path, cache, "model.d_model=64",
                                  f"ckpt_path={straight / 'checkpoints' / 'last.ckpt'}"))
     with pytest.raises(ValueError, match=r"does not fit the configured model.*model.d_model: 32 -> 64"):
-        validate(cfg)
+        assemble(cfg)
 
 
 def test_train_validates_before_preparing_data(tmp_path, capsys):
@@ -201,7 +201,9 @@ def _nan_forward_at(monkeypatch, calls: set[int]) -> None:
 
     def forward(self, idx, cache=None, targets=None):
         out = real(self, idx, cache, targets)
-        return out * float("nan") if self.training and next(counter) in calls else out
+        if not (self.training and next(counter) in calls):
+            return out
+        return out * float("nan") if targets is None else out._replace(loss=out.loss * float("nan"))
 
     monkeypatch.setattr(Transformer, "forward", forward)
 
@@ -270,7 +272,7 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_crafted_checkpoint_never_runs_code(straight, cache, tmp_path):
+def test_crafted_checkpoint_never_runs_code(straight, cache, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     evil = read_checkpoint(straight / "checkpoints" / "last.ckpt")
     evil["callbacks"] = _Payload(marker)
@@ -279,11 +281,15 @@ def test_crafted_checkpoint_never_runs_code(straight, cache, tmp_path):
     with pytest.raises(ValueError, match=r"refused: .*could run code.*GLOBAL .*open"):
         load_checkpoint(path)
     with pytest.raises(ValueError, match="refused"):  # train.py's check
-        validate(compose_cfg(_overrides(tmp_path / "run", cache, f"ckpt_path={path}")))
-    from minillm.training import train as train_run  # Lightning's own resume path, without validate
+        assemble(compose_cfg(_overrides(tmp_path / "run", cache, f"ckpt_path={path}")))
+    # Lightning's own resume path, without the assembly's check
+    monkeypatch.setattr(assembly, "check_resume", lambda *args: None)
+    run = assemble(compose_cfg(_overrides(tmp_path / "run", cache, f"ckpt_path={path}")))
+    monkeypatch.undo()
+    from minillm.training import train as train_run
 
     with pytest.raises(ValueError, match="refused"):
-        train_run(compose_cfg(_overrides(tmp_path / "run", cache, f"ckpt_path={path}")))
+        train_run(run)
     pickled = tmp_path / "pickled.ckpt"  # a bare pickle of the payload, not even a torch file
     pickled.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(ValueError, match="not a torch file"):

@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounter
 import eval as eval_script
 import train
 from minillm import load_checkpoint
-from minillm.evaluation.sample import continuations
+from minillm.generation import continuations
 from minillm.training.callbacks import SampleText
 
 

@@ -22,10 +22,11 @@ import eval as eval_script
 from minillm.evaluation.attention import math_model
 from minillm.evaluation.extrapolate import extrapolate
 from minillm.model import build_model
-from minillm.training.sweep import RunStatus, wandb_grouping
+from minillm.training.loggers import wandb_grouping
+from minillm.training.sweep import RunStatus
 
 STEPS, BATCH, SEQ = 6, 4, 32
-SWEEP = [o for o in TINY_TRAIN if not o.startswith(("trainer.max_steps", "trainer.val_check", "logger"))] + [
+SWEEP = TINY_TRAIN + [
     f"trainer.max_steps={STEPS}", "trainer.val_check_interval=3", "logger=none"]
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import re
 import traceback
 
@@ -25,10 +26,7 @@ from minillm.training.schedule import warmup_cosine, warmup_cosine_lr
 def _train(run_dir, *overrides, cache=None):
     """TINY_TRAIN into ``run_dir``; with ``data=tinystories`` among ``overrides``, on that instead."""
     cache = cache or run_dir.parent / "data_cache"
-    base = TINY_TRAIN
-    if "data=tinystories" in overrides:
-        base = [o for o in TINY_TRAIN if not o.startswith(("data=", "data.n_stories"))]
-    return train.main(compose_cfg(base + [f"run_dir={run_dir}", f"data.cache_dir={cache}", *overrides]))
+    return train.main(compose_cfg(TINY_TRAIN + [f"run_dir={run_dir}", f"data.cache_dir={cache}", *overrides]))
 
 
 def test_run_writes_plain_data_checkpoints_and_history(tiny_run):
@@ -254,3 +252,33 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path):
     wandb.id = "mine"
     assert wandb_resume(wandb, tmp_path, resuming=True) == {}  # an explicit id is the user's
     assert wandb_resume(compose_cfg(["logger=csv"]).logger.csv, tmp_path, resuming=True) == {}
+
+
+def test_debug_fast_runs_from_the_command_line(tmp_path):
+    """``python train.py debug=fast``: the tests' tiny run, as a user types it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=fast", f"run_dir={tmp_path}",
+                           f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4]  # debug=fast: 4 steps, validating every 2
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_whose_data_cannot_be_read_leaves_no_wandb_run(tmp_path, monkeypatch, capsys):
+    from minillm.data import DataUnavailableError, TokenDataModule
+
+    def unreadable(self):
+        raise DataUnavailableError("data.path=DIR: cannot read the stories")
+
+    monkeypatch.setattr(TokenDataModule, "prepare_data", unreadable)
+    with pytest.raises(SystemExit) as info:
+        _train(tmp_path / "run", "logger=wandb")
+    assert info.value.code == 2 and "cannot read the stories" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("wandb")) and not list(tmp_path.rglob("*.wandb"))
+

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from datasets import Features, Sequence, Value
 
 from minillm.data.sources import SPLITS, DataUnavailableError, clean_story
 from minillm.data.tokenizer import EOT, load_tokenizer, tokenizer_hash, train_tokenizer
+from minillm.files import atomic_write
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the layout or the token stream changes, so old caches are rebuilt
@@ -32,19 +32,6 @@ ROWS_PER_PROC = 1000  # tokenization starts another process only for this many m
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (vocab <= 65536), else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from minillm.config import check_int
 from minillm.data.cache import build_cache, read_manifest
 from minillm.data.sources import make_source
 from minillm.data.tokenizer import EOT, check_vocab_size, load_tokenizer
@@ -127,11 +128,6 @@ def worker_start_method(num_workers: int) -> str | None:
     return None if num_workers == 0 or method in (None, *platform) else platform[0]
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"data.{name}={value!r}: must be an integer >= {minimum}")
-
-
 class TokenDataModule(L.LightningDataModule):
     """TinyStories (Hub or local copy) or the synthetic corpus, tokenized once and cached."""
 
@@ -154,14 +150,12 @@ class TokenDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_vocab_size(vocab_size)
-        _positive_int("seq_len", seq_len)
-        _positive_int("batch_size", batch_size)
-        _positive_int("num_workers", num_workers, 0)
-        _positive_int("num_proc", num_proc)
+        for key, value, minimum in [("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                    ("num_workers", num_workers, 0), ("num_proc", num_proc, 1)]:
+            check_int(value, f"data.{key}", minimum)
         if val_tokens is not None:
-            _positive_int("val_tokens", val_tokens, seq_len + 1)
-        if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
-            raise ValueError(f"seed={seed!r}: must be an integer (64-bit)")
+            check_int(val_tokens, "data.val_tokens", seq_len + 1)
+        check_int(seed, "seed", -2**63 + 1, 2**63 - 1)
         if not isinstance(document_mask, bool):
             raise ValueError(f"data.document_mask={document_mask!r}: must be true or false")
         self.document_mask = document_mask

@@ -14,6 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, load_dataset
 
+from minillm.config import check_int
+
 from minillm.data.synthetic import generate_stories
 from minillm.data.tokenizer import EOT
 
@@ -72,8 +74,7 @@ class SyntheticSource:
     """The generated corpus of :mod:`minillm.data.synthetic`; validation has a tenth as many stories."""
 
     def __init__(self, n_stories: int, corpus_seed: int) -> None:
-        if isinstance(n_stories, bool) or not isinstance(n_stories, int) or n_stories < 10:
-            raise ValueError(f"data.n_stories={n_stories!r}: must be an integer >= 10")
+        check_int(n_stories, "data.n_stories", 10)
         self.n_stories, self.corpus_seed = n_stories, corpus_seed
         self.key = f"synthetic-n{n_stories}-s{corpus_seed}"
         self.describe = f"synthetic stories ({n_stories:,} train, corpus seed {corpus_seed})"

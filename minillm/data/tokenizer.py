@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minillm.config import check_int
+
 EOT = "<|endoftext|>"
 MIN_VOCAB = 256 + 1  # the byte alphabet plus <|endoftext|>
 MAX_VOCAB = 2**32  # token ids are stored as uint32 at most
@@ -17,13 +19,7 @@ MAX_VOCAB = 2**32  # token ids are stored as uint32 at most
 
 def check_vocab_size(vocab_size: int) -> None:
     """Raise ValueError naming ``data.vocab_size`` unless it is an int in [257, 2**32]."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
-        MIN_VOCAB <= vocab_size <= MAX_VOCAB
-    ):
-        raise ValueError(
-            f"data.vocab_size={vocab_size!r}: must be an integer from {MIN_VOCAB} (256 byte tokens "
-            f"+ {EOT}) to 2**32"
-        )
+    check_int(vocab_size, "data.vocab_size", MIN_VOCAB, MAX_VOCAB, f" (256 byte tokens + {EOT})")
 
 
 def _empty_tokenizer() -> Tokenizer:

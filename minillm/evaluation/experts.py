@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from minillm.config import check_int
 from minillm.evaluation.loading import checkpoint_datamodule, load
 from minillm.training.moe_monitor import plot_expert_load
 
@@ -18,8 +19,7 @@ from minillm.training.moe_monitor import plot_expert_load
 def expert_load(cfg: DictConfig) -> dict[str, Any]:
     """Plot and summarise the expert load of ``cfg.ckpt_path`` on its validation split."""
     n_batches = cfg.get("expert_batches", 8)
-    if not isinstance(n_batches, int) or n_batches < 1:
-        raise ValueError(f"expert_batches={n_batches!r} must be a positive integer")
+    check_int(n_batches, "expert_batches")
     (model, _, run_cfg), checkpoint = load(cfg)
     datamodule = checkpoint_datamodule(run_cfg, batch_size=cfg.get("batch_size"),
                                        num_workers=cfg.get("num_workers"))

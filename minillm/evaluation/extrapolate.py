@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.checkpoint import model_state_dict, read_checkpoint, unpack_checkpoint
+from minillm.config import check_int
 from minillm.evaluation.loading import checkpoint_datamodule, pick_device
 from minillm.model import Transformer, build_model
 from minillm.model.position import RoPE
+from minillm.model.transformer import token_cross_entropy
 
 SCALINGS = ("none", "linear", "ntk")
 
@@ -39,18 +40,18 @@ def windows_loss(model: Transformer, tokens: np.ndarray, length: int, batch_toke
         idx = np.array(rows)[:, None] * length + np.arange(length + 1)  # (B, length + 1)
         window = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
         logits = model(window[:, :-1])  # (B, length, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(),
-                                 reduction="sum").item()
+        total += token_cross_entropy(logits, window[:, 1:], reduction="sum").item()
     return total / (n_windows * length)
 
 
 def check_options(factors: Any, n_tokens: Any, rope_scaling: str) -> list[int]:
     """The sorted distinct factors; ValueError naming the setting when any option is invalid."""
     factors = list(factors) if not isinstance(factors, (int, str)) else [factors]
-    if not factors or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in factors):
+    if not factors:
         raise ValueError(f"factors={factors!r} must be a list of integers >= 1, e.g. [1,2,4,8]")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"extrapolate_tokens={n_tokens!r} must be a positive integer")
+    for k in factors:
+        check_int(k, "factors", hint=", e.g. factors=[1,2,4,8]")
+    check_int(n_tokens, "extrapolate_tokens")
     if rope_scaling not in SCALINGS:
         raise ValueError(f"rope_scaling={rope_scaling!r} is not one of {list(SCALINGS)}")
     return sorted(set(factors))

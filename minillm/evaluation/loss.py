@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
 from minillm.evaluation.loading import checkpoint_datamodule, load
+from minillm.model.transformer import token_cross_entropy
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def validation_nll(model: torch.nn.Module, dataloader, device: torch.device,
     for x, y in dataloader:
         x, y = x.to(device), y.to(device)  # (B, T)
         logits = model(x)  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+        total += token_cross_entropy(logits, y, reduction="sum").double()
         counts += torch.bincount(y.flatten(), minlength=vocab_size).double()
         n += y.numel()
     return total.item(), n, counts.cpu()

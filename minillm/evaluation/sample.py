@@ -8,35 +8,13 @@ beyond the context window the window slides (``minillm.generate``). The same see
 
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig
 
 from minillm.data import EOT
 from minillm.evaluation.loading import load
-from minillm.generation import generate
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_sampling(prefix: str, max_new_tokens, num_samples, temperature, top_k, top_p,
-                   min_new_tokens: int = 0) -> None:
-    """Reject bad sampling settings with one message naming ``<prefix><key>=<value>``."""
-    def bad(key: str, value, valid: str) -> ValueError:
-        return ValueError(f"{prefix}{key}={value!r}: {valid}")
-
-    if not _integer(max_new_tokens) or max_new_tokens < min_new_tokens:
-        raise bad("max_new_tokens", max_new_tokens, f"must be an integer >= {min_new_tokens}")
-    if not _integer(num_samples) or num_samples < 1:
-        raise bad("num_samples", num_samples, "must be an integer >= 1")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise bad("temperature", temperature, "must be a number >= 0 (0 = greedy)")
-    if top_k is not None and (not _integer(top_k) or top_k < 1):
-        raise bad("top_k", top_k, "must be an integer >= 1, or null for no filter")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise bad("top_p", top_p, "must be in (0, 1], or null for no filter")
+from minillm.generation import check_sampling, continuations
 
 
 def prompt_text(cfg: DictConfig) -> str:
@@ -59,18 +37,6 @@ def _check(cfg: DictConfig) -> str:
     """Reject bad sampling settings before the checkpoint is read; return the prompt."""
     check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
     return prompt_text(cfg)
-
-
-def continuations(model, tokenizer, prompt: str, num_samples: int, max_new_tokens: int,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, use_cache: bool = True,
-                  stream: Callable[[int, int], None] | None = None) -> list[str]:
-    """``num_samples`` texts continuing ``prompt`` (encoded after EOT): prompt included, EOT excluded."""
-    eot = tokenizer.token_to_id(EOT)
-    prompt_ids = tokenizer.encode(prompt).ids
-    rows = generate(model, [[eot] + prompt_ids] * num_samples, max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, eos_id=eot, seed=seed, use_cache=use_cache, stream=stream)
-    return [tokenizer.decode(prompt_ids + [t for t in row if t != eot]) for row in rows]
 
 
 class _Printer:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import Tensor
 
-EOS_TOKEN = "<|endoftext|>"  # minillm's end-of-text token, also GPT-2's
+from minillm.data.tokenizer import EOT  # minillm's end-of-text token, also GPT-2's
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def special_token(tokenizer: Tokenizer | None) -> tuple[str | None, int | None]:
     if tokenizer is None:
         return None, None
     specials = [t.content for _, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special]
-    token = EOS_TOKEN if tokenizer.token_to_id(EOS_TOKEN) is not None else next(iter(specials), None)
+    token = EOT if tokenizer.token_to_id(EOT) is not None else next(iter(specials), None)
     return token, None if token is None else tokenizer.token_to_id(token)
 
 

@@ -2,10 +2,9 @@
 
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from minillm.config import instantiate_checked
 from minillm.model.transformer import Transformer
 
 
@@ -17,17 +16,3 @@ def build_model(model_cfg: DictConfig | dict[str, Any]) -> Transformer:
     if isinstance(model_cfg, dict):
         model_cfg = OmegaConf.create(model_cfg)
     return instantiate_checked(model_cfg)
-
-
-def instantiate_checked(node: DictConfig) -> Any:
-    """Hydra's ``instantiate``, with a constructor's ValueError re-raised as itself (Hydra wraps it
-    in an InstantiationException whose message buries the one line that names the setting)."""
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        cause = e.__cause__
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, ValueError):
-            raise ValueError(str(cause)) from None
-        raise

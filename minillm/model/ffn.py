@@ -1,11 +1,13 @@
 """Dense feed-forward layers.
 
 Contract of the ``model/ffn`` group: ``FFN(d_model=..., **yaml_options)`` maps (B, T, C) -> (B, T, C).
-A layer with an auxiliary loss (Mixture of Experts) exposes it after each forward as
-``aux_losses: dict[str, Tensor]``, already weighted by its coefficient; the model sums these over
-layers in ``Transformer.aux_losses()`` and training adds the sum to the language-model loss.
-Dense layers have no ``aux_losses``. Every FFN names the weights that write into the residual stream
-with ``residual_out()``; the model gives exactly those its residual init (``model.init``).
+A layer with an auxiliary loss (Mixture of Experts) sets ``aux_losses: dict[str, Tensor]`` in each
+forward, already weighted by its coefficient. Only its parent reads it, within the same forward:
+``Transformer.forward(idx, targets=y)`` averages each loss over the layers and returns it in its
+result (``LossOutput.aux``), which training adds to the language-model loss; nothing outside the
+model's forward reads the attribute. Dense layers have no ``aux_losses``.
+Every FFN names the weights that write into the residual stream with ``residual_out()``; the model
+gives exactly those its residual init (``model.init``).
 """
 
 import torch.nn.functional as F

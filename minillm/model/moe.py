@@ -14,7 +14,7 @@ dropless.
 Auxiliary losses (the ``model/ffn`` contract in ``ffn.py``), present only when their coefficient
 is non-zero: ``aux_losses["load_balance"] = aux_loss_coef * balance_loss`` (Mixtral's form for this
 layer, k at balance; see ``router.py``) and ``aux_losses["z_loss"] = z_loss_coef * z_loss``.
-``Transformer.aux_losses()`` averages each over MoE layers. Hugging Face instead pools every
+``Transformer.forward(idx, targets=y).aux`` averages each over MoE layers. Hugging Face instead pools every
 layer's logits before taking one product f.P; per-layer means and the pooled value differ.
 
 ``stats`` holds detached device tensors from the latest forward, read only when logging:

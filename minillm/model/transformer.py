@@ -18,13 +18,27 @@ Notation: B batch, T time, C d_model, V vocab_size, L max_seq_len.
 """
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.model.position import PositionEncoding
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of logits (B, T, V) against targets (B, T), in fp32; targets of
+    -100 are ignored. Training, ``eval.py mode=loss`` and ``mode=extrapolate`` all score with it."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+
+class LossOutput(NamedTuple):
+    """The training forward's result: the language-model loss and the weighted auxiliary losses
+    of the same forward (name -> mean over the layers that have one; empty for a dense model)."""
+
+    loss: Tensor
+    aux: dict[str, Tensor]
 
 
 class Block(nn.Module):
@@ -126,11 +140,13 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: Tensor, cache=None, targets: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, cache=None, targets: Tensor | None = None) -> Tensor | LossOutput:
         """Logits (B, T, V) for token ids ``idx`` (B, T); ``cache`` for incremental decoding.
 
-        With ``targets`` (B, T), the mean next-token cross-entropy (fp32; targets of -100 are
-        ignored) instead of the logits. Inside the forward, a compiled model fuses it with the head:
+        With ``targets`` (B, T), a ``LossOutput`` instead: the mean next-token cross-entropy (fp32;
+        targets of -100 are ignored) and the auxiliary losses this very forward produced, so a
+        compiled, DDP or FSDP run reads them from the result, never from a module attribute that
+        another forward may have set. Inside the forward, a compiled model fuses the loss with the head:
         the fp32 logits that cross-entropy under bf16 autocast would write (4 bytes x tokens x
         vocabulary, forward and backward) are never held in memory.
         """
@@ -141,7 +157,7 @@ class Transformer(nn.Module):
             logits = self.logits(x)
             if targets is None:
                 return logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            return LossOutput(token_cross_entropy(logits, targets), self._aux_losses())
         if targets is not None:
             raise ValueError("targets with a cache: the loss is for whole windows, not decoding steps")
         cache.begin(idx.shape[1])
@@ -158,8 +174,8 @@ class Transformer(nn.Module):
         logits = logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
         return self.softcap(logits)
 
-    def aux_losses(self) -> dict[str, Tensor]:
-        """Weighted auxiliary losses of the latest forward, averaged over the layers that have them."""
+    def _aux_losses(self) -> dict[str, Tensor]:
+        """Weighted auxiliary losses of the layers' forwards just run, averaged over the layers."""
         per_layer = [b.ffn.aux_losses for b in self.blocks if getattr(b.ffn, "aux_losses", None)]
         names = {name for losses in per_layer for name in losses}
         return {n: torch.stack([losses[n] for losses in per_layer]).mean() for n in sorted(names)}

@@ -16,9 +16,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from minillm.config import is_int
 from minillm.data import load_tokenizer
-from minillm.data.cache import atomic_write
-from minillm.evaluation.sample import check_sampling, continuations
+from minillm.files import atomic_write
+from minillm.generation import check_sampling, continuations
 from minillm.training.throughput import flops_per_token, peak_flops
 
 
@@ -30,6 +31,12 @@ class ThroughputMonitor(L.Callback):
     peak of one device (``peak_flops``, else looked up from the device name) times the world size
     and is not logged when that peak is unknown (CPU, an unlisted GPU). Validation time, and what
     follows it up to the next training batch (checkpoints, text samples), is excluded.
+
+    Lightning's own ``ThroughputMonitor`` does not do this job: it calls ``torch.cuda.synchronize()``
+    after every batch (a host wait per step, which this repo's loop avoids: tests/test_train.py
+    ``test_the_training_loop_reads_the_device_only_at_log_steps``), counts samples rather than
+    tokens across ranks, takes its peak from ``get_available_flops`` (see ``throughput.py`` for the
+    chips it misses) and has no peak override.
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
@@ -194,7 +201,7 @@ class SampleText(JsonLines):
     ``{"step", "prompt", "sample", "text"}``; with a ``WandbLogger``, also a W&B table ``samples``.
 
     The texts are those ``eval.py mode=sample`` prints for the checkpoint of that step with the
-    same settings (``minillm.evaluation.sample.continuations``; exactly so in fp32). Training is
+    same settings (``minillm.generation.continuations``; exactly so in fp32). Training is
     unchanged: sampling draws from its own generator seeded with ``seed`` (the same at every
     validation, so the texts change only as the model does), in eval mode without gradients,
     eagerly under ``torch.compile`` (varying shapes would recompile), under bf16 autocast when
@@ -287,10 +294,10 @@ def _check_sampling(prompts, num_samples, max_new_tokens, temperature, top_k, to
         raise bad("prompts", prompts, 'must be a non-empty list of strings, e.g. ["Once upon a time"]')
     check_sampling("callbacks.samples.", max_new_tokens, num_samples, temperature, top_k, top_p,
                    min_new_tokens=1)
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not is_int(seed, -2**63 + 1, 2**63 - 1):
         raise bad("seed", seed, "must be an integer (sampling has its own generator: the training "
                                 "random state is never drawn from)")
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    if not is_int(every):
         raise bad("every_n_validations", every, "must be an integer >= 1")
 
 

@@ -1,25 +1,33 @@
-"""Loggers that carry on where a resumed run stopped.
+"""The run's loggers (``make_loggers``), and loggers that carry on where a resumed run stopped.
 
 Lightning's ``CSVLogger`` deletes ``metrics.csv`` when a run starts in a directory that has one, so
 resuming with ``ckpt_path=last`` lost the history before the checkpoint; ``CSVLogger`` here keeps it.
 A W&B run resumed the same way gets the id of the run it continues (``wandb_run_id``), so its
-curves go on in one W&B run instead of starting a new one.
+curves go on in one W&B run instead of starting a new one; the runs of one sweep share a W&B group
+and are tagged with their overrides (``wandb_grouping``).
 """
 
 import csv
+import netrc
+import os
 import secrets
 import string
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from minillm.data.cache import atomic_write
+from minillm.files import atomic_write
 
 WANDB_ID_FILE = "wandb_id"
+MAX_TAG_LEN = 64  # W&B rejects longer tags
 
 
 class _ResumingWriter(ExperimentWriter):
@@ -83,8 +91,58 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     return run_id
 
 
+def is_wandb(logger_cfg: Any) -> bool:
+    """Whether a logger config node builds Lightning's ``WandbLogger``."""
+    return "WandbLogger" in str(logger_cfg.get("_target_", ""))
+
+
 def wandb_resume(logger_cfg: Any, run_dir: Path, resuming: bool) -> dict[str, Any]:
     """``id`` and ``resume`` for a W&B logger config that sets no id: the run directory's own."""
-    if "Wandb" not in str(logger_cfg.get("_target_", "")) or logger_cfg.get("id") is not None:
+    if not is_wandb(logger_cfg) or logger_cfg.get("id") is not None:
         return {}
     return {"id": wandb_run_id(run_dir, resuming), "resume": "allow"}
+
+
+def wandb_grouping(logger_cfg: Any) -> dict[str, Any]:
+    """``group`` and ``tags`` for a W&B logger config inside a multirun (where it sets neither)."""
+    if not is_wandb(logger_cfg) or not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    extra: dict[str, Any] = {}
+    if logger_cfg.get("group") is None:
+        extra["group"] = Path(hydra_cfg.sweep.dir).name
+    if logger_cfg.get("tags") is None:
+        extra["tags"] = [o for o in hydra_cfg.overrides.task if len(o) <= MAX_TAG_LEN]
+    return extra
+
+
+def make_loggers(logger_cfg: Any, run_dir: Path, resuming: bool) -> list[Any]:
+    """Instantiate each configured logger; W&B goes offline unless the user is logged in, groups
+    the runs of a sweep (``wandb_grouping``) and continues the run of
+    ``run_dir`` when resuming (``wandb_resume``). A ``WandbLogger`` starts its W&B run only when
+    first written to (``LanguageModel.on_fit_start``, once the data is ready)."""
+    logger_cfg = logger_cfg or {}
+    if any(is_wandb(c) for c in logger_cfg.values()) and "WANDB_MODE" not in os.environ and \
+            not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"  # never prompt for a login
+    return [instantiate(c, **wandb_grouping(c), **wandb_resume(c, run_dir, resuming))
+            for c in logger_cfg.values()]
+
+
+def finish_loggers(loggers: list[Any]) -> None:
+    """Close the W&B run, else the next run of a multirun would log into it."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False

@@ -28,15 +28,28 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
 
 from minillm.checkpoint import match_state_dict_keys
+from minillm.config import check_int
 from minillm.model import Transformer
 from minillm.training.rng import get_rng_states, set_rng_states
-from minillm.validation import check_nonfinite
+
+NONFINITE_CHECKS = ("auto", "step", "log")
 
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
+
+
+def check_nonfinite(max_skips: int, check: str) -> None:
+    """``nonfinite.max_skips`` (>= 0) and ``nonfinite.check`` (auto, step or log; log cannot skip)."""
+    check_int(max_skips, "nonfinite.max_skips", minimum=0)
+    if check not in NONFINITE_CHECKS:
+        raise ValueError(f"nonfinite.check={check!r} must be one of {', '.join(NONFINITE_CHECKS)}")
+    if check == "log" and max_skips:
+        raise ValueError(f"nonfinite.check=log cannot skip batches (nonfinite.max_skips={max_skips}): "
+                         "skipping needs every batch checked; use nonfinite.check=step or auto")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -74,18 +87,19 @@ class LanguageModel(L.LightningModule):
         self._nonfinite: Tensor | None = None  # device-side flag since the last check (GPU)
         self._pending_rng: dict[str, Any] | None = None  # restored at the first batch after a resume
         self._progress_step = -1
-        self._val_sum: Tensor | None = None  # (2,): as trained; without the document mask
-        self._val_count = 0
-        self._val_documents = False
+        # Token-weighted means of the validation loss; compute() sums over ranks. NaN propagates
+        # (the default would drop it with a warning and hide a diverged model). With document masks,
+        # the same windows are scored without them too (val/loss_unmasked).
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss_unmasked = MeanMetric(nan_strategy="disable")
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x, y, *documents = batch  # (B, T) each; documents (B, T) with data.document_mask
-        # the loss inside the (compiled) forward: fused with the head
-        loss = self.model(x, targets=y, **_documents(documents))
-        aux = self.model.aux_losses()
+        # The loss inside the (compiled) forward, fused with the head; the aux losses of this forward.
+        loss, aux = self.model(x, targets=y, **_documents(documents))
         total = loss + sum(aux.values()) if aux else loss
         self.tokens_seen += y.numel() * self.trainer.world_size
         if not self._finite(total):
@@ -162,40 +176,38 @@ class LanguageModel(L.LightningModule):
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_count = torch.zeros(2, device=self.device), 0
-
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, *documents = batch
-        self._val_sum[0] += self.model(x, targets=y, **_documents(documents)) * y.numel()
+        self.val_loss.update(self.model(x, targets=y, **_documents(documents)).loss, weight=y.numel())
         if documents:
-            self._val_sum[1] += self.model(x, targets=y) * y.numel()
-            self._val_documents = True
-        self._val_count += y.numel()
+            self.val_loss_unmasked.update(self.model(x, targets=y).loss, weight=y.numel())
 
     def on_validation_epoch_end(self) -> None:
-        strategy = self.trainer.strategy
-        total = strategy.reduce(self._val_sum, reduce_op="sum")
-        count = strategy.reduce(torch.tensor(float(self._val_count), device=self.device), reduce_op="sum")
-        loss, unmasked = total / count.clamp(min=1)
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        unmasked = self.val_loss_unmasked.compute() if self.val_loss_unmasked.update_called else None
+        self.val_loss_unmasked.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", loss.exp())
-        if self._val_documents:
+        if unmasked is not None:
             self.log("val/loss_unmasked", unmasked)
         bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", None)
         if bytes_per_token:
             self.log("val/bpb", loss / math.log(2) / bytes_per_token)
-            if self._val_documents:
+            if unmasked is not None:
                 self.log("val/bpb_unmasked", unmasked / math.log(2) / bytes_per_token)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over ``param_groups`` of the model where it is now (fused on a GPU)."""
         keywords = getattr(self.optimizer_factory, "keywords", {})
         groups = optimizer_param_groups(self.optimizer_factory, self.model)
         if keywords.get("fused") is None and self.device.type == "cuda" and _takes_fused(self.optimizer_factory):
             # one kernel for the whole update instead of a few per tensor
-            optimizer = self.optimizer_factory(groups, fused=True)
-        else:
-            optimizer = self.optimizer_factory(groups)
+            return self.optimizer_factory(groups, fused=True)
+        return self.optimizer_factory(groups)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -216,6 +228,9 @@ class LanguageModel(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def on_fit_start(self) -> None:
+        # The data is ready by now: only a run that can start creates logger files (a W&B run).
+        for logger in self.loggers:
+            logger.log_hyperparams(self.config)
         datamodule = self.trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "describe"):
             rank_zero_info(datamodule.describe())

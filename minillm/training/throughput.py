@@ -4,7 +4,14 @@ FLOPs per token, forward plus backward (PaLM appendix B, as in nanoGPT's ``estim
 ``6 * N + 12 * n_layers * n_heads * head_dim * seq_len`` where N counts the parameters a token
 multiplies with: the active parameters (MoE: top-k experts only), without the learned position
 table, which is looked up rather than multiplied. MFU divides achieved FLOP/s by the chip's dense
-bf16 peak, taken from the detected device (``PEAK_FLOPS``) or given explicitly.
+bf16 peak, taken from the detected device (``PEAK_FLOPS``) or given explicitly
+(``callbacks.throughput.peak_flops``).
+
+Why our own table and not ``lightning.fabric.utilities.throughput.get_available_flops``: as of
+Lightning 2.6 it returns None for "NVIDIA H200" and "NVIDIA H200 NVL" (the names torch reports; its
+table's keys are "h200 sxm1" and "h200 nvl1"), reads "NVIDIA L40S" as an L4 (121 instead of 362
+TFLOP/s), returns None for "NVIDIA GH200 480GB", and knows no B200 or AMD chip
+(``test_peak_lookup_...`` in tests/test_distributed.py pins these names).
 """
 
 import torch

@@ -1,61 +1,33 @@
-"""``validate(cfg)``: every configuration error of a training run, found before data is prepared or
-compute is spent, as a ``ValueError`` naming the key, its value and what would be valid.
+"""The checks of a training run, each a pure function of the config or of one object the run will
+use, raising a ``ValueError`` that names the key, its value and what would be valid.
 
-The model is built on the meta device (no memory, no init cost), so each component's own
-constructor checks apply (sizes that do not divide, n_kv_heads, RoPE head size, MoE routing
-settings); the data module's constructor checks its keys without reading data; the optimizer and
-scheduler are built on the meta parameters. On top of those, checks that span groups: the model's
-vocabulary against the tokenizer's, the training context against a learned position table, the
-accumulation settings against validation and checkpoint boundaries, the trainer against the
-hardware, and a resumed checkpoint against the model it must load into.
+``minillm.training.assembly.assemble`` calls them while it builds the run's objects, before any data
+is prepared or compute is spent: first the settings that need no object (trainer, compile), then
+the objects' own constructors (each checks its keys), then checks that span groups: the model's
+vocabulary against the tokenizer's, the training context against a learned position table, and a
+resumed checkpoint against the model it must load into.
 """
 
 import typing
 from itertools import islice
 
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from minillm.checkpoint import model_state_dict, read_checkpoint
-from minillm.model import Transformer, build_model
-from minillm.model.build import instantiate_checked
+from minillm.config import check_int
+from minillm.model import Transformer
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-NONFINITE_CHECKS = ("auto", "step", "log")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ValueError for the first configuration error of the run ``cfg`` describes."""
-    check_trainer(cfg.trainer)
-    check_nonfinite(OmegaConf.select(cfg, "nonfinite.max_skips", default=0),
-                    OmegaConf.select(cfg, "nonfinite.check", default="auto"))
-    datamodule = instantiate_checked(cfg.data)  # checks data.* (no data is read)
-    model = meta_model(cfg.model)
-    check_vocab(model, datamodule)
-    check_context(model, datamodule.seq_len)
-    check_optimization(cfg, model)
-    if cfg.get("ckpt_path") is not None:
-        from minillm.training.run import resolve_run_dir, resume_path  # Lightning: only when resuming
-
-        path = resume_path(cfg.ckpt_path, resolve_run_dir(cfg))
-        if path is not None:  # ckpt_path=auto with no checkpoint yet: a fresh start
-            check_resume(path, model, cfg.model)
-
-
-def check_nonfinite(max_skips, check) -> None:
-    """``nonfinite.max_skips`` (>= 0) and ``nonfinite.check`` (auto, step or log; log cannot skip)."""
-    _int(max_skips, "nonfinite.max_skips", minimum=0)
-    if check not in NONFINITE_CHECKS:
-        raise ValueError(f"nonfinite.check={check!r} must be one of {', '.join(NONFINITE_CHECKS)}")
-    if check == "log" and max_skips:
-        raise ValueError(f"nonfinite.check=log cannot skip batches (nonfinite.max_skips={max_skips}): "
-                         "skipping needs every batch checked; use nonfinite.check=step or auto")
-
-
-def _int(value, key: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
+def check_compile(value, trainer: DictConfig) -> bool:
+    """``compile``: true, false, or auto (on when training on a GPU); whether to compile."""
+    if value == "auto":
+        return trainer.get("accelerator") in ("gpu", "cuda")
+    if not isinstance(value, bool):
+        raise ValueError(f"compile={value}: must be true, false or auto (on for a GPU trainer)")
+    return value
 
 
 def _precisions() -> list[str]:
@@ -86,24 +58,15 @@ def check_trainer(trainer: DictConfig) -> None:
     if precision not in _precisions():
         raise ValueError(f"trainer.precision={precision!r} is not one of {_precisions()}")
     for key in ("max_steps", "accumulate_grad_batches", "log_every_n_steps"):
-        _int(trainer.get(key, 1), f"trainer.{key}")
+        check_int(trainer.get(key, 1), f"trainer.{key}")
     accumulate, interval = trainer.get("accumulate_grad_batches", 1), trainer.get("val_check_interval")
-    _int(interval, "trainer.val_check_interval")  # micro-batches: the training stream is endless
+    check_int(interval, "trainer.val_check_interval")  # micro-batches: the training stream is endless
     if interval % accumulate:
         multiples = [accumulate * i for i in range(1, 4)]
         raise ValueError(
             f"trainer.val_check_interval={interval} is not a multiple of "
             f"trainer.accumulate_grad_batches={accumulate}: validation and checkpoints would fall "
             f"inside an accumulation window, which a resume cannot replay; valid: {multiples}, ...")
-
-
-def meta_model(model_cfg: DictConfig) -> Transformer:
-    """The model built on the meta device: its constructors' checks, without memory or init time."""
-    try:
-        with torch.device("meta"):
-            return build_model(model_cfg)
-    except (NotImplementedError, RuntimeError):  # a component that cannot live on meta
-        return build_model(model_cfg)
 
 
 def check_vocab(model: Transformer, datamodule) -> None:
@@ -122,22 +85,6 @@ def check_context(model: Transformer, seq_len: int) -> None:
         raise ValueError(f"data.seq_len={seq_len} is longer than the {type(model.position).__name__} "
                          f"position table (model.max_seq_len={max_len}); valid: data.seq_len <= "
                          f"{max_len}, or raise model.max_seq_len")
-
-
-def check_optimization(cfg: DictConfig, model: Transformer) -> None:
-    """Build the optimizer and the scheduler on the meta parameters: their constructors' checks."""
-    from minillm.training.module import optimizer_param_groups
-
-    factory = instantiate_checked(cfg.optimizer)
-    try:
-        optimizer = factory(optimizer_param_groups(factory, model))
-    except ValueError as e:
-        options = {k: v for k, v in OmegaConf.to_container(cfg.optimizer).items() if k[0] != "_"}
-        raise ValueError(f"optimizer: {e} (optimizer settings: {options})") from None
-    try:
-        instantiate_checked(cfg.scheduler)(optimizer)
-    except InstantiationException as e:  # a partial's call errors are wrapped too
-        raise ValueError(str(e.__cause__ or e)) from None
 
 
 def check_resume(path: str, model: Transformer, model_cfg: DictConfig) -> None:
