@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python train.py experiment=demo
 	$(BIN)/python eval.py ckpt_path=runs/demo/checkpoints/best.ckpt mode=sample max_new_tokens=120
 
-# Training throughput and MFU of the llama2.c shapes on a CUDA GPU (README: GPU throughput and multi-GPU).
+# Training throughput and MFU of the llama2.c shapes on a CUDA GPU (docs/gpu.md).
 bench: $(STAMP)
 	$(BIN)/python bench/gpu_throughput.py
 

@@ -285,6 +285,38 @@ def test_bad_input_names_the_setting(tmp_path):
         make_dm(cache=tmp_path, val_tokens=SEQ)
 
 
+def _write_parquet_without_rows(folder: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name in ("train.parquet", "valid.parquet"):
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / name)
+
+
+@pytest.mark.parametrize("kind, found", [
+    ("empty text", "train.txt is empty (0 bytes)"),
+    ("separators only", f"train.txt (30 bytes) holds no story, only blank and {EOT} lines"),
+    ("empty jsonl", "train.jsonl is empty (0 bytes)"),
+    ("parquet without rows", "train.parquet has 0 rows"),
+])
+def test_local_copy_without_stories_is_one_line_naming_the_path(tmp_path, kind, found):
+    """Such a folder used to end in a datasets traceback (SchemaInferenceError) at load time."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("train.txt", "validation.txt") if "text" in kind or "separators" in kind else ():
+        (folder / name).write_text(f"{EOT}\n\n{EOT}\n\n" if kind == "separators only" else "")
+    if kind == "empty jsonl":
+        (folder / "train.jsonl").write_text("")
+        (folder / "valid.jsonl").write_text('{"text": "One story."}\n')
+    if kind == "parquet without rows":
+        _write_parquet_without_rows(folder)
+    with pytest.raises(ValueError) as info:
+        make_dm(folder, cache=tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith(f"data.path={str(folder)!r}: {found}") and "\n" not in message
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
 def test_hub_unreachable_says_what_to_do(tmp_path, monkeypatch):
     def offline(*a, **k):  # stands in for load_dataset: tests never call the Hub
         raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub")
@@ -331,6 +363,17 @@ def test_synthetic_source_builds_and_data_configs_compose(tmp_path, monkeypatch)
     cfg = compose_cfg(["data=tinystories", "model=tiny"])
     assert cfg.data.source == "tinystories" and cfg.model.vocab_size == cfg.data.vocab_size
     assert isinstance(instantiate(cfg.data), TokenDataModule)  # construction alone touches no network
+
+
+def test_python_api_reads_minillm_cache_as_the_yaml_does(tmp_path, monkeypatch):
+    """``TokenDataModule(...)`` without ``cache_dir`` used to write to ./data_cache whatever the env."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "shared"))
+    assert TokenDataModule(source="synthetic").folder.parent == tmp_path / "shared"
+    assert TokenDataModule(source="synthetic", cache_dir="mine").folder.parent == tmp_path / "mine"
+    assert instantiate(compose_cfg(["data=synthetic"]).data).folder.parent == tmp_path / "shared"
+    monkeypatch.delenv("MINILLM_CACHE")
+    assert TokenDataModule(source="synthetic").folder.parent == tmp_path / "data_cache"
 
 
 def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path, built):

@@ -10,15 +10,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_cfg
+from conftest import CONFIGS, ROOT, compose_cfg, options
 
 import eval as eval_script
 from minillm import load_checkpoint
+from minillm.cli import composition_errors
+from minillm.evaluation import MODES
+from minillm.evaluation.command_line import prepare
 from minillm.evaluation.loss import unigram_log_probs
 
 
 def _eval(*overrides):
     return eval_script.main(compose_cfg(list(overrides), "eval"))
+
+
+def _eval_cli(*args):
+    """eval.py as its command line runs it: arguments prepared, composed, errors as one line."""
+    with composition_errors():
+        cfg = compose_cfg(prepare(list(args), CONFIGS), "eval")
+    return eval_script.main(cfg)
+
+
+def _run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 def _sample(ckpt, *overrides):
@@ -94,7 +110,7 @@ def test_bad_checkpoints_and_settings_exit_with_one_line(tiny_run, tmp_path, cap
              ([f"ckpt_path={ckpt}", "mode=sample", "top_p=0"], "top_p=0")]
     for overrides, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            _eval(*overrides)
+            _eval_cli(*overrides)  # mode=nope: refused before composition, as configs/mode/ has no nope
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and err.startswith("error: ") and message in err, err
         assert "\n" not in err
@@ -109,3 +125,50 @@ def test_cli_samples(tiny_run):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("Once upon") == 2 and "sample 2/2" in out.stdout
     assert not Path(ROOT / "outputs").exists()
+
+
+def test_each_mode_is_one_file_of_the_mode_group_showing_only_its_settings(capsys):
+    assert options("mode") == sorted(MODES)
+    for mode in MODES:
+        assert compose_cfg([f"mode={mode}"], "eval").mode == mode
+    sample, report = compose_cfg(["mode=sample"], "eval"), compose_cfg(["mode=report"], "eval")
+    assert "prompt" in sample and "sweep_dir" not in sample and "factors" not in sample
+    assert {"sweep_dir", "factors", "rope_scaling"} <= set(report) and "prompt" not in report
+    out = _run_cli("mode=sample", "--cfg", "job")
+    assert out.returncode == 0 and "prompt: Once upon a time" in out.stdout and "sweep_dir" not in out.stdout
+    with pytest.raises(SystemExit) as exit_info:  # a setting of another mode, named with its mode
+        _eval_cli("mode=sample", "sweep_dir=multirun/x")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith("error: sweep_dir is a setting of mode=report, not of mode=sample;")
+
+
+@pytest.mark.parametrize("prompt", ["Tom and 猫", "Tom, the cat! (really) [x] {y}", "Don't", 'say "hi"',
+                                    "a=b: c", "${oc.env:HOME} \\${x}", "back\\slash\\", "two\nlines", ""])
+def test_a_prompt_needs_no_hydra_quoting(prompt):
+    """Unquoted for Hydra, such prompts used to end in LexerNoViableAltException."""
+    for key in ("prompt", "++prompt"):  # the value composes back to exactly the text typed
+        assert compose_cfg(prepare(["mode=sample", f"{key}={prompt}"], CONFIGS), "eval").prompt == prompt
+
+
+def test_words_the_shell_split_off_a_prompt_are_named_with_the_quoting_that_works(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _eval_cli("mode=sample", "prompt=Tom", "and", "猫", "seed=1")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith("error: prompt: ") and "'prompt=Tom and 猫'" in err and "prompt_file=PATH" in err
+
+
+def test_prompt_file_and_a_punctuated_prompt_from_the_shell(tiny_run, tmp_path, capsys):
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    text = 'Tom and 猫 said: "hi, you!"\nThen {they} left.'
+    (tmp_path / "prompt.txt").write_text(text + "\n", encoding="utf-8")
+    texts = _sample(ckpt, f"prompt_file={tmp_path / 'prompt.txt'}", "prompt=ignored")
+    assert all(t.startswith(text) for t in texts)  # the file's text, less its final newline
+    with pytest.raises(SystemExit):
+        _sample(ckpt, f"prompt_file={tmp_path / 'missing.txt'}")
+    assert capsys.readouterr().err.startswith(f"error: prompt_file='{tmp_path / 'missing.txt'}': cannot read")
+    out = _run_cli(f"ckpt_path={ckpt}", "mode=sample", "prompt=Tom, the 猫!", "max_new_tokens=4",
+                   "num_samples=1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Tom, the 猫!")

@@ -287,3 +287,18 @@ def test_slurm_launcher_config_composes_over_the_submitit_plugin():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
     assert launcher.submitit_folder.endswith("/.submitit/%j")  # inside the sweep directory
+
+
+def test_joblib_launcher_runs_members_whose_loaders_have_workers(tmp_path_factory, tmp_path):
+    """`hydra/launcher=joblib` used to fail every member with data.num_workers > 0: inside joblib's
+    loky processes DataLoader could not start its workers ("Got pickle error ...")."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    cmd = [sys.executable, "train.py", "-m", *TINY_TRAIN, "data.num_workers=1", "seed=0,1",
+           "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+           f"data.cache_dir={tmp_path_factory.getbasetemp() / 'data_cache'}", f"hydra.sweep.dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for member in ("0", "1"):
+        assert json.loads((tmp_path / member / "status.json").read_text())["status"] == "completed"
+        assert torch.load(tmp_path / member / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -4,12 +4,14 @@ import csv
 import json
 import math
 import os
+import re
 import traceback
 
 import lightning as L
 import pytest
 import torch
 from conftest import TINY_TRAIN, compose_cfg
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
@@ -119,6 +121,27 @@ def test_schedule_follows_warmup_then_cosine():
         warmup_cosine(optimizer, warmup, -1, min_lr)
     with pytest.raises(ValueError, match="scheduler.min_lr"):
         warmup_cosine(optimizer, warmup, total, 1.0)
+
+
+def test_default_warmup_follows_the_run_length_and_a_set_one_is_checked():
+    """`model=moe_rope trainer=cpu trainer.max_steps=30` used to stop on warmup_steps=100."""
+    def first_lr(*overrides):  # lr of step 0 is lr / (warmup + 1)
+        cfg = compose_cfg(["model=moe_rope", *overrides])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        instantiate(cfg.scheduler)(optimizer)
+        return optimizer.param_groups[0]["lr"]
+
+    assert first_lr("trainer=cpu", "trainer.max_steps=30") == pytest.approx(1 / 4)  # 3 steps
+    assert first_lr("trainer=cpu", "trainer.max_steps=1") == 1.0  # no warmup at all
+    # The default runs keep their 100 steps; an ablation's explicit 20 stays 20.
+    assert first_lr("trainer=cpu") == first_lr("trainer=gpu") == pytest.approx(1 / 101)
+    assert first_lr("experiment=ablate_position") == pytest.approx(1 / 21)
+    assert first_lr("experiment=demo") == pytest.approx(1 / 31)
+    with pytest.raises(ValueError, match=re.escape("scheduler.warmup_steps=100 must be in [0, "
+                                                   "scheduler.max_steps=30)")):
+        first_lr("trainer=cpu", "trainer.max_steps=30", "scheduler.warmup_steps=100")
+    with pytest.raises(ValueError, match="scheduler.warmup_steps='soon' must be an integer .* or auto"):
+        first_lr("scheduler.warmup_steps=soon")
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():

@@ -14,6 +14,8 @@ next document and the model can keep attention inside a story (``Transformer(...
 
 import hashlib
 import math
+import multiprocessing
+import os
 import struct
 from itertools import count
 from pathlib import Path
@@ -113,6 +115,19 @@ class ValBatches(IterableDataset):
             yield self.batch(tokens, i)
 
 
+def worker_start_method(num_workers: int) -> str | None:
+    """The start method for DataLoader workers: ``None`` (torch's default) unless the process-wide
+    default is not one of the platform's own, then the platform's default named explicitly.
+
+    joblib's loky processes (``hydra/launcher=joblib``) set the default to ``loky``, whose launcher
+    can start only its own process class: DataLoader's plain ``Process`` then fails to start (torch
+    reports it as a pickle error), so every member of a joblib sweep with ``data.num_workers > 0`` died.
+    """
+    method = multiprocessing.get_start_method(allow_none=True)
+    platform = multiprocessing.get_all_start_methods()
+    return None if num_workers == 0 or method in (None, *platform) else platform[0]
+
+
 class TokenDataModule(L.LightningDataModule):
     """TinyStories (Hub or local copy) or the synthetic corpus, tokenized once and cached."""
 
@@ -125,7 +140,7 @@ class TokenDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 2,
         num_proc: int = 4,
-        cache_dir: str = "data_cache",
+        cache_dir: str | None = None,
         val_tokens: int | None = None,
         seed: int = 0,
         n_stories: int = 4000,
@@ -264,6 +279,7 @@ class TokenDataModule(L.LightningDataModule):
             self.train_stream(),
             batch_size=None,  # the stream yields whole batches; workers are interleaved in order
             num_workers=self.num_workers,
+            multiprocessing_context=worker_start_method(self.num_workers),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )
@@ -293,6 +309,7 @@ class TokenDataModule(L.LightningDataModule):
             self.val_dataset(),
             batch_size=None,
             num_workers=self.num_workers,
+            multiprocessing_context=worker_start_method(self.num_workers),
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -309,8 +326,11 @@ class TokenDataModule(L.LightningDataModule):
         self.start_batch = int(state_dict["start_batch"])
 
 
-def _resolve(cache_dir: str) -> Path:
-    """``cache_dir`` made absolute against the launch directory (Hydra may chdir into outputs/)."""
+def _resolve(cache_dir: str | None) -> Path:
+    """``cache_dir`` (None: ``$MINILLM_CACHE``, else ``data_cache``) made absolute against the launch
+    directory (Hydra may chdir into outputs/). The one place this default lives: YAML and Python API."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("MINILLM_CACHE") or "data_cache"
     path = Path(str(cache_dir)).expanduser()
     if path.is_absolute():
         return path

@@ -11,6 +11,7 @@ import hashlib
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, load_dataset
 
 from minillm.config import check_int
@@ -105,6 +106,7 @@ class LocalSource:
             raise ValueError(f"data.path={path!r} is not a directory; it must hold {RECOGNISED}")
         self.root = root
         self.format, self.files = _find_files(root, path)
+        _check_not_empty(self.format, self.files, path)
         key_hash = hashlib.sha256(str(root).encode()).hexdigest()[:10]
         self.key = f"tinystories-local-{key_hash}"
         self.describe = f"TinyStories (local copy {root}, {self.format})"
@@ -132,6 +134,9 @@ class LocalSource:
                     f"data.path={str(self.root)!r}: {self.format} files need a 'text' column, "
                     f"found {ds[split].column_names}"
                 )
+            if ds[split].num_rows == 0:
+                names = ", ".join(f.name for f in self.files[split])
+                raise ValueError(f"data.path={str(self.root)!r}: {names} has 0 rows; expected {RECOGNISED}")
         return DatasetDict({s: ds[s].select_columns(["text"]) for s in SPLITS})
 
 
@@ -150,6 +155,26 @@ def _find_files(root: Path, path: str) -> tuple[str, dict[str, list[Path]]]:
         if found["train"] and found["validation"]:
             return fmt, found
     raise ValueError(f"data.path={path!r} has no recognised TinyStories files; expected {RECOGNISED}")
+
+
+def _check_not_empty(fmt: str, files: dict[str, list[Path]], path: str) -> None:
+    """Refuse a split whose files hold nothing (``datasets`` would fail later with a schema error)."""
+    for split in SPLITS:
+        size = sum(f.stat().st_size for f in files[split])
+        names = ", ".join(f.name for f in files[split])
+        if size == 0:
+            raise ValueError(f"data.path={path!r}: {names} is empty (0 bytes); expected {RECOGNISED}")
+        if fmt == "text" and not _has_story(files[split][0]):
+            raise ValueError(f"data.path={path!r}: {names} ({size:,} bytes) holds no story, only "
+                             f"blank and {EOT} lines; expected stories separated by {EOT} lines")
+        if fmt == "parquet" and sum(pq.ParquetFile(f).metadata.num_rows for f in files[split]) == 0:
+            raise ValueError(f"data.path={path!r}: {names} has 0 rows; expected {RECOGNISED}")
+
+
+def _has_story(path: Path) -> bool:
+    """Whether a text file holds a non-blank line other than ``EOT`` (stops at the first one)."""
+    with open(path, encoding="utf-8") as fh:
+        return any(line.strip() not in ("", EOT) for line in fh)
 
 
 class HubSource:

@@ -1,7 +1,9 @@
 """Evaluation modes of ``eval.py``: ``MODES`` maps a mode name to a function(cfg) -> dict.
 
-A mode is one module here and one entry below; it reads what it needs from ``configs/eval.yaml``
-(add its keys there) and loads the checkpoint with ``minillm.evaluation.loading.load``.
+A mode is one module here, one entry below, and one file ``configs/mode/NAME.yaml`` (``# @package
+_global_``) that sets ``mode: NAME`` and the settings the mode reads, so ``python eval.py mode=NAME
+--cfg job`` shows only those; ``ckpt_path`` and ``device`` are shared (``configs/eval.yaml``). A mode
+loads the checkpoint with ``minillm.evaluation.loading.load``.
 """
 
 from typing import Any, Callable

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from minillm.checkpoint import model_state_dict, read_checkpoint
 from minillm.data import EOT, load_tokenizer
 from minillm.evaluation.loading import pick_device
+from minillm.evaluation.sample import prompt_text
 from minillm.model import Transformer, build_model
 
 
@@ -74,12 +75,11 @@ def attention(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required, e.g. python eval.py mode=attention "
                          "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt prompt=\"The cat sat\"")
-    if not isinstance(cfg.prompt, str):
-        raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it: prompt='\"...\"')")
+    prompt = prompt_text(cfg)
     device = pick_device(cfg.get("device", "auto"))
     checkpoint = read_checkpoint(cfg.ckpt_path, device)
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
-    ids = [tokenizer.token_to_id(EOT)] + tokenizer.encode(cfg.prompt).ids
+    ids = [tokenizer.token_to_id(EOT)] + tokenizer.encode(prompt).ids
     model = math_model(checkpoint, device)
     limit = model.position.max_len
     if limit is not None and len(ids) > limit:

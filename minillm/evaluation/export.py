@@ -2,7 +2,7 @@
 
 Thin on purpose: ``minillm.interop.export_hf`` picks the transformers class from the model's parts
 (Llama, Mixtral or GPT-2), writes safetensors weights, config.json and the tokenizer files, or
-raises naming what blocks each class. See README "Hugging Face interop".
+raises naming what blocks each class. See docs/interop.md.
 """
 
 from typing import Any

@@ -1,4 +1,4 @@
-"""``mode=sample``: print ``num_samples`` continuations of ``prompt`` from a checkpoint.
+"""``mode=sample``: print ``num_samples`` continuations of ``prompt`` (or ``prompt_file``) from a checkpoint.
 
 The prompt is encoded after ``<|endoftext|>`` (every training story follows one), so an empty
 prompt starts a new story. The tokenizer is byte-level BPE: any text, including characters it never
@@ -7,6 +7,7 @@ beyond the context window the window slides (``minillm.generate``). The same see
 """
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -16,11 +17,26 @@ from minillm.evaluation.loading import load
 from minillm.generation import check_sampling, continuations
 
 
-def _check(cfg: DictConfig) -> None:
-    """Reject bad sampling settings before the checkpoint is read."""
-    check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
+def prompt_text(cfg: DictConfig) -> str:
+    """The prompt of ``mode=sample`` / ``mode=attention``: ``prompt_file``'s text (less one final
+    newline) when set, else ``prompt``; checked before the checkpoint is read."""
+    path = cfg.get("prompt_file")
+    if path is not None:
+        try:
+            text = Path(path).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"prompt_file={path!r}: cannot read it as UTF-8 text ({e})") from None
+        return text.removesuffix("\n")
     if not isinstance(cfg.prompt, str):
-        raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it: prompt='\"...\"')")
+        raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it for the shell: "
+                         "\"prompt=Tom, the cat\", or use prompt_file=PATH)")
+    return cfg.prompt
+
+
+def _check(cfg: DictConfig) -> str:
+    """Reject bad sampling settings before the checkpoint is read; return the prompt."""
+    check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
+    return prompt_text(cfg)
 
 
 class _Printer:
@@ -42,14 +58,14 @@ class _Printer:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Print samples; return ``{"samples": [text, ...]}`` (prompt included, EOT excluded)."""
-    _check(cfg)
+    prompt = _check(cfg)
     (model, tokenizer, _), _ = load(cfg)
     streaming = bool(cfg.get("stream", False)) and cfg.num_samples == 1
     printer = None
     if streaming:
-        printer = _Printer(tokenizer, tokenizer.encode(cfg.prompt).ids, tokenizer.token_to_id(EOT))
-        print(cfg.prompt, end="", flush=True)
-    texts = continuations(model, tokenizer, cfg.prompt, cfg.num_samples, cfg.max_new_tokens,
+        printer = _Printer(tokenizer, tokenizer.encode(prompt).ids, tokenizer.token_to_id(EOT))
+        print(prompt, end="", flush=True)
+    texts = continuations(model, tokenizer, prompt, cfg.num_samples, cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
                           use_cache=cfg.use_cache, stream=printer)
     if streaming:
