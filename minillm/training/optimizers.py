@@ -25,7 +25,7 @@ choice (the fused update equals torch's Muon on the whole matrix).
 
 Learning rates: Muon has its own, ``muon_lr`` = 0.02 with ``adjust_lr_fn="original"`` (Keller
 Jordan's: the update scaled by sqrt(max(1, rows / cols))); AdamW keeps ``lr``. Measured on the
-synthetic corpus (NOTES_recipe.md) this beat Moonlight's ``match_rms_adamw`` at AdamW's lr
+synthetic corpus (docs/recipe.md) this beat Moonlight's ``match_rms_adamw`` at AdamW's lr
 (``muon_lr: null``), which remains one setting away. The warmup-cosine schedule scales every group
 by the same factor from its own initial lr (``minillm.training.schedule``). Muon's decoupled weight
 decay is ``muon_lr * weight_decay`` per step (torch's rule).
