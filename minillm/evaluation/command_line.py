@@ -4,8 +4,8 @@ Hydra parses the command line before any code of ours runs, and its override gra
 characters in an unquoted value: ``prompt=Tom, the cat!`` or ``prompt=猫`` end in a
 ``LexerNoViableAltException``. So eval.py passes its arguments through ``prepare`` first: the
 free-text values (``prompt``, ``prompt_file``) are quoted for Hydra, so any text inside one pair of
-shell quotes works; words the shell split off a prompt and a setting of another mode are reported
-as one line that names the setting (an unknown mode is Hydra's: ``mode=nope: no such option``).
+shell quotes works; words the shell split off a prompt, an unknown mode and a setting of another
+mode are reported as one line that names the setting.
 """
 
 import re
@@ -39,13 +39,16 @@ def mode_settings(configs: Path) -> dict[str, set[str]]:
 
 def prepare(args: list[str], configs: Path) -> list[str]:
     """``args`` with every ``prompt=TEXT`` / ``prompt_file=PATH`` quoted for Hydra; raises
-    ``OverrideParseException`` for words split off a prompt or another mode's setting."""
+    ``OverrideParseException`` for words split off a prompt, an unknown mode, or another mode's setting."""
     settings, entry = mode_settings(configs), OmegaConf.load(configs / "eval.yaml")
     shared = set(entry) - {"defaults", "hydra"}
     matches = [_OVERRIDE.fullmatch(arg) for arg in args]
     chosen = [m.group(3) for m in matches if m and m.group(1, 2) == ("", "mode")]
     default = next(d.mode for d in entry.defaults if OmegaConf.is_dict(d) and "mode" in d)
     mode = chosen[-1] if chosen else default
+    if mode not in settings and "," not in mode:  # a comma: a -m sweep over modes, left to Hydra
+        raise OverrideParseException(f"mode={mode}",
+                                     f"mode={mode!r} is not an evaluation mode; valid: {sorted(settings)}")
     out = list(args)
     for i, match in enumerate(matches):
         if match is None:
@@ -55,7 +58,7 @@ def prepare(args: list[str], configs: Path) -> list[str]:
             _refuse_split_words(args[i], args[i + 1:])
             if not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):  # not yet quoted
                 out[i] = f"{plus}{key}={hydra_quote(value)}"
-        elif not plus and mode in settings:  # not an unknown mode, nor a -m sweep over modes
+        elif not plus and mode in settings:  # not a -m sweep over modes
             _refuse_other_modes_setting(key.split(".")[0], mode, settings, shared)
     return out
 
