@@ -91,7 +91,8 @@ class LanguageModel(L.LightningModule):
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value.detach())
         if self._log_step():
-            self._log_progress()
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("train/tokens", float(self.tokens_seen))
         return total
 
     def _finite(self, total: Tensor) -> bool:
@@ -147,10 +148,6 @@ class LanguageModel(L.LightningModule):
             return False
         self._progress_step = step
         return True
-
-    def _log_progress(self) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        self.log("train/tokens", float(self.tokens_seen))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
