@@ -94,8 +94,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def unpack_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """``(model, tokenizer, cfg)`` from a checkpoint dict read by ``read_checkpoint``."""
     cfg = OmegaConf.create(checkpoint["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
-    model.to(map_location).eval()
+    model = checkpoint_model(checkpoint, map_location)
     # Tokenizer.from_str is minillm.data.load_tokenizer, without importing Lightning for a notebook.
     return LoadedCheckpoint(model, Tokenizer.from_str(checkpoint["tokenizer"]), cfg)
+
+
+def checkpoint_model(checkpoint: dict, map_location: str | torch.device = "cpu", **changes: dict) -> Transformer:
+    """The checkpoint's model with its weights, in eval mode; ``changes`` update groups of its model
+    config first (``attention={"backend": "math"}``): the same weights under another kernel or scaling."""
+    model_cfg = OmegaConf.to_container(OmegaConf.create(checkpoint["config"]).model)
+    for group, values in changes.items():
+        model_cfg[group].update(values)
+    model = build_model(model_cfg)
+    model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
+    return model.to(map_location).eval()

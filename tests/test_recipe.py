@@ -17,8 +17,7 @@ import train
 from minillm.data import EOT, TokenDataModule, generate_stories
 from minillm.model import Transformer, build_model
 from minillm.model.attention import Attention
-from minillm.training.module import optimizer_param_groups
-from minillm.training.optimizers import MuonAdamW
+from minillm.training.optimizers import MuonAdamW, optimizer_param_groups
 from minillm.training.schedule import warmup_cosine, warmup_cosine_lr
 from minillm.training import assemble
 

@@ -19,7 +19,7 @@ import train
 from minillm.data import generate_stories, load_tokenizer
 from minillm.model import build_model
 from minillm.training.loggers import wandb_resume
-from minillm.training.module import param_groups
+from minillm.training.optimizers import param_groups
 from minillm.training.schedule import warmup_cosine, warmup_cosine_lr
 
 

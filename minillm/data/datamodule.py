@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import struct
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
@@ -37,24 +38,6 @@ def batch_seed(seed: int, block: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _worker() -> tuple[int, int]:
-    """(this DataLoader worker's id, number of workers); (0, 1) in the main process."""
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info else (0, 1)
-
-
-def _open(path: str, dtype: str) -> np.ndarray:
-    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
-
-
-def _with_documents(window: torch.Tensor, eot_id: int | None) -> tuple[torch.Tensor, ...]:
-    """(x, y) of a (B, T+1) window, plus the document ids (B, T) of x when ``eot_id`` is given."""
-    x, y = window[:, :-1], window[:, 1:]
-    if eot_id is None:
-        return x, y
-    return x, y, torch.cumsum(x == eot_id, dim=1)
-
-
 def has_story_boundary(tokens: np.ndarray, eot_id: int, chunk: int = 1 << 20) -> bool:
     """Whether ``<|endoftext|>`` occurs before the last token (it ends every story, so a one-story
     corpus has it last only); chunked with an early exit, so real data costs one chunk."""
@@ -62,36 +45,49 @@ def has_story_boundary(tokens: np.ndarray, eot_id: int, chunk: int = 1 << 20) ->
     return any(bool((body[i:i + chunk] == eot_id).any()) for i in range(0, len(body), chunk))
 
 
-class TrainStream(IterableDataset):
-    """Endless micro-batches of random windows; DataLoader workers take every k-th batch, in order."""
+class _Windows(IterableDataset):
+    """Batches of token windows from a memmap that each worker opens (it is never pickled); a
+    subclass sets ``path``, ``dtype``, ``seq_len``, ``eot_id`` (set: batches carry document ids) and
+    says which batch numbers a DataLoader worker yields (``numbers``) and what each is (``batch``)."""
+
+    def windows(self, tokens: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """(x, y[, documents]) of the windows at ``starts``, each (B, seq_len) int64."""
+        idx = starts[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
+        window = torch.from_numpy(tokens[idx].astype(np.int64))
+        x, y = window[:, :-1], window[:, 1:]
+        return (x, y) if self.eot_id is None else (x, y, torch.cumsum(x == self.eot_id, dim=1))
+
+    def __iter__(self):
+        tokens = np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r")
+        info = get_worker_info()  # None in the main process
+        for n in self.numbers(*((info.id, info.num_workers) if info else (0, 1))):
+            yield self.batch(tokens, n)
+
+
+class TrainStream(_Windows):
+    """Endless micro-batches of random windows."""
 
     def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, seed: int,
                  start_batch: int = 0, rank: int = 0, world_size: int = 1,
                  eot_id: int | None = None) -> None:
-        self.path, self.dtype = path, dtype  # the memmap is opened in each worker, never pickled
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
-        self.eot_id = eot_id  # set: also yield document ids
+        self.path, self.dtype, self.seq_len, self.batch_size, self.seed = path, dtype, seq_len, batch_size, seed
+        self.start_batch, self.rank, self.world_size, self.eot_id = start_batch, rank, world_size, eot_id
 
     def batch(self, tokens: np.ndarray, n: int) -> tuple[torch.Tensor, ...]:
         """Micro-batch ``n`` of this rank: (x, y[, documents]), each (batch_size, seq_len) int64."""
         gen = torch.Generator().manual_seed(batch_seed(self.seed, n * self.world_size + self.rank))
         starts = torch.randint(0, len(tokens) - self.seq_len, (self.batch_size,), generator=gen)
-        idx = starts.numpy()[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
-        return _with_documents(torch.from_numpy(tokens[idx].astype(np.int64)), self.eot_id)
+        return self.windows(tokens, starts.numpy())
 
-    def __iter__(self):
-        tokens = _open(self.path, self.dtype)
-        worker, n_workers = _worker()
-        for n in count(self.start_batch + worker, n_workers):
-            yield self.batch(tokens, n)
+    def numbers(self, worker: int, n_workers: int) -> Iterator[int]:
+        return count(self.start_batch + worker, n_workers)
 
 
-class ValBatches(IterableDataset):
+class ValBatches(_Windows):
     """Batches of the non-overlapping windows ``lo + [i*T, i*T + T]``, i < n_windows, in order.
 
     Iterable rather than map-style so Lightning never adds a DistributedSampler on top of the
-    per-rank share this already is; workers take every k-th batch and the DataLoader keeps order.
+    per-rank share this already is.
     """
 
     def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, lo: int,
@@ -105,14 +101,10 @@ class ValBatches(IterableDataset):
     def batch(self, tokens: np.ndarray, i: int) -> tuple[torch.Tensor, ...]:
         """Batch ``i``: (x, y[, documents]), each (<= batch_size, seq_len) int64."""
         first = np.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.n_windows))
-        idx = self.lo + first[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (B, T+1)
-        return _with_documents(torch.from_numpy(tokens[idx].astype(np.int64)), self.eot_id)
+        return self.windows(tokens, self.lo + first * self.seq_len)
 
-    def __iter__(self):
-        tokens = _open(self.path, self.dtype)
-        worker, n_workers = _worker()
-        for i in range(worker, len(self), n_workers):
-            yield self.batch(tokens, i)
+    def numbers(self, worker: int, n_workers: int) -> Iterator[int]:
+        return iter(range(worker, len(self), n_workers))
 
 
 def worker_start_method(num_workers: int) -> str | None:
@@ -196,7 +188,7 @@ class TokenDataModule(L.LightningDataModule):
                 )
         tokenizer_json = (self.folder / "tokenizer.json").read_text()
         tokenizer = load_tokenizer(tokenizer_json)
-        train = _open(str(self.folder / "train.bin"), manifest["dtype"])
+        train = np.memmap(self.folder / "train.bin", dtype=np.dtype(manifest["dtype"]), mode="r")
         if self.document_mask and not has_story_boundary(train, tokenizer.token_to_id(EOT)):
             raise ValueError(
                 f"data.document_mask=true: the training tokens of {self.source.describe} hold one "
@@ -275,14 +267,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Endless (x, y) micro-batches; batch n is a pure function of (seed, n, rank, world_size)."""
-        return DataLoader(
-            self.train_stream(),
-            batch_size=None,  # the stream yields whole batches; workers are interleaved in order
-            num_workers=self.num_workers,
-            multiprocessing_context=worker_start_method(self.num_workers),
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-        )
+        return self._loader(self.train_stream())
 
     def val_dataset(self) -> ValBatches:
         """This rank's contiguous share of the validation windows (equal shares across ranks)."""
@@ -305,13 +290,13 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Deterministic, non-overlapping validation windows, in order."""
-        return DataLoader(
-            self.val_dataset(),
-            batch_size=None,
-            num_workers=self.num_workers,
-            multiprocessing_context=worker_start_method(self.num_workers),
-            pin_memory=torch.cuda.is_available(),
-        )
+        return self._loader(self.val_dataset())
+
+    def _loader(self, batches: IterableDataset) -> DataLoader:
+        # batch_size=None: the datasets yield whole batches, interleaved over the workers in order
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers,
+                          multiprocessing_context=worker_start_method(self.num_workers),
+                          pin_memory=torch.cuda.is_available())
 
     # ---- resume ----
     def state_dict(self) -> dict[str, int]:

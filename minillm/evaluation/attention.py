@@ -13,24 +13,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from minillm.checkpoint import model_state_dict, read_checkpoint
+from minillm.checkpoint import checkpoint_model, read_checkpoint
 from minillm.data import EOT, load_tokenizer
 from minillm.evaluation.loading import pick_device
 from minillm.evaluation.sample import prompt_text
-from minillm.model import Transformer, build_model
+from minillm.model import Transformer
 
 
 def math_model(checkpoint: dict, device: torch.device) -> Transformer:
     """The checkpoint's model on the ``math`` attention backend, recording attention weights."""
-    model_cfg = OmegaConf.to_container(OmegaConf.create(checkpoint["config"])["model"])
-    model_cfg["attention"]["backend"] = "math"
-    model = build_model(model_cfg)
-    model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
+    model = checkpoint_model(checkpoint, device, attention={"backend": "math"})
     for block in model.blocks:
         block.attn.record_weights = True
-    return model.to(device).eval()
+    return model
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ mode are reported as one line that names the setting.
 
 import re
 import shlex
+from itertools import takewhile
 from pathlib import Path
 
 from hydra.errors import OverrideParseException
@@ -26,10 +27,6 @@ def hydra_quote(text: str) -> str:
     return "'" + text.replace("'", "\\'") + "'"
 
 
-def _quoted(value: str) -> bool:
-    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-
-
 def mode_settings(configs: Path) -> dict[str, set[str]]:
     """The top-level keys each ``configs/mode/NAME.yaml`` sets, with those of the files it includes."""
     def keys(name: str) -> set[str]:
@@ -43,39 +40,32 @@ def mode_settings(configs: Path) -> dict[str, set[str]]:
 def prepare(args: list[str], configs: Path) -> list[str]:
     """``args`` with every ``prompt=TEXT`` / ``prompt_file=PATH`` quoted for Hydra; raises
     ``OverrideParseException`` for words split off a prompt, an unknown mode, or another mode's setting."""
-    from minillm.evaluation import MODES
-
     settings, entry = mode_settings(configs), OmegaConf.load(configs / "eval.yaml")
     shared = set(entry) - {"defaults", "hydra"}
-    default = next(d["mode"] for d in entry.defaults if OmegaConf.is_dict(d) and "mode" in d)
-    chosen = [m.group(3) for m in map(_OVERRIDE.fullmatch, args) if m and m.group(1, 2) == ("", "mode")]
+    matches = [_OVERRIDE.fullmatch(arg) for arg in args]
+    chosen = [m.group(3) for m in matches if m and m.group(1, 2) == ("", "mode")]
+    default = next(d.mode for d in entry.defaults if OmegaConf.is_dict(d) and "mode" in d)
     mode = chosen[-1] if chosen else default
-    if mode not in MODES and "," not in mode:  # a comma: a -m sweep over modes, left to Hydra
+    if mode not in settings and "," not in mode:  # a comma: a -m sweep over modes, left to Hydra
         raise OverrideParseException(f"mode={mode}",
-                                     f"mode={mode!r} is not an evaluation mode; valid: {sorted(MODES)}")
-    out = []
-    for i, arg in enumerate(args):
-        match = _OVERRIDE.fullmatch(arg)
+                                     f"mode={mode!r} is not an evaluation mode; valid: {sorted(settings)}")
+    out = list(args)
+    for i, match in enumerate(matches):
         if match is None:
-            out.append(arg)
             continue
         plus, key, value = match.groups()
         if key in FREE_TEXT:
-            _refuse_split_words(arg, args[i + 1:])
-            arg = arg if _quoted(value) else f"{plus}{key}={hydra_quote(value)}"
-        elif not plus and mode in settings:
+            _refuse_split_words(args[i], args[i + 1:])
+            if not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):  # not yet quoted
+                out[i] = f"{plus}{key}={hydra_quote(value)}"
+        elif not plus and mode in settings:  # not a -m sweep over modes
             _refuse_other_modes_setting(key.split(".")[0], mode, settings, shared)
-        out.append(arg)
     return out
 
 
 def _refuse_split_words(arg: str, rest: list[str]) -> None:
     """``prompt=Tom and 猫`` without shell quotes reaches us as ``prompt=Tom``, ``and``, ``猫``."""
-    words = []
-    for word in rest:
-        if "=" in word or word.startswith("-"):
-            break
-        words.append(word)
+    words = list(takewhile(lambda word: "=" not in word and not word.startswith("-"), rest))
     if words:
         whole = " ".join([arg, *words])
         raise OverrideParseException(whole, (
@@ -86,10 +76,8 @@ def _refuse_split_words(arg: str, rest: list[str]) -> None:
 
 def _refuse_other_modes_setting(key: str, mode: str, settings: dict[str, set[str]],
                                 shared: set[str]) -> None:
-    if key in shared or key in settings[mode]:
-        return
     owners = [f"mode={m}" for m, keys in settings.items() if key in keys]
-    if owners:
+    if owners and key not in shared | settings[mode]:
         raise OverrideParseException(key, (
             f"{key} is a setting of {', '.join(owners)}, not of mode={mode}; "
             f"python eval.py mode={mode} --cfg job lists the settings of mode={mode}"))

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from minillm.checkpoint import model_state_dict, read_checkpoint, unpack_checkpoint
+from minillm.checkpoint import checkpoint_model, read_checkpoint, unpack_checkpoint
 from minillm.config import check_int
 from minillm.evaluation.loading import checkpoint_datamodule, pick_device
-from minillm.model import Transformer, build_model
+from minillm.model import Transformer
 from minillm.model.position import RoPE
 from minillm.model.transformer import token_cross_entropy
 
@@ -61,8 +61,9 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
                 rope_scaling: str = "none", device: str = "auto", write: bool = True) -> dict[str, Any]:
     """Validation loss of the checkpoint at each ``factor`` x its training context (see module doc)."""
     factors = check_options(factors, n_tokens, rope_scaling)
-    checkpoint = read_checkpoint(ckpt_path, pick_device(device))
-    model, _, cfg = unpack_checkpoint(checkpoint, pick_device(device))
+    device = pick_device(device)
+    checkpoint = read_checkpoint(ckpt_path, device)
+    model, _, cfg = unpack_checkpoint(checkpoint, device)
     if rope_scaling != "none" and not isinstance(model.position, RoPE):
         raise ValueError(f"rope_scaling={rope_scaling}: the checkpoint's model.position is "
                          f"{type(model.position).__name__}, not RoPE; use rope_scaling=none")
@@ -80,7 +81,8 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
         if limit is not None and train_len * k > limit:
             losses[k] = None
             continue
-        scaled = model if rope_scaling == "none" or k == 1 else _rescaled(cfg, checkpoint, rope_scaling, k)
+        scaled = model if rope_scaling == "none" or k == 1 else checkpoint_model(
+            checkpoint, device, position={"scaling": rope_scaling, "factor": float(k)})
         losses[k] = windows_loss(scaled, tokens[: n + 1], train_len * k)
     reached = [k for k in factors if losses[k] is not None]
     stop = (f"{type(model.position).__name__} encodes at most {limit} positions: stops at "
@@ -102,16 +104,6 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
     if write:
         result["files"] = _write(result, Path(ckpt_path).parent)
     return result
-
-
-def _rescaled(cfg: DictConfig, checkpoint: dict, scaling: str, factor: int) -> Transformer:
-    """The checkpoint's model rebuilt with RoPE ``scaling`` at ``factor`` (the weights are the same)."""
-    model_cfg = OmegaConf.to_container(cfg.model)
-    model_cfg["position"].update(scaling=scaling, factor=float(factor))
-    model = build_model(model_cfg)
-    model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
-    device = next(iter(checkpoint["state_dict"].values())).device
-    return model.to(device).eval()
 
 
 def table(result: dict[str, Any]) -> str:
@@ -160,8 +152,7 @@ def extrapolate_mode(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required, e.g. python eval.py mode=extrapolate "
                          "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt")
-    factors = OmegaConf.to_container(cfg.factors) if OmegaConf.is_list(cfg.factors) else cfg.factors
-    result = extrapolate(cfg.ckpt_path, factors, cfg.extrapolate_tokens, cfg.rope_scaling, cfg.device)
+    result = extrapolate(cfg.ckpt_path, cfg.factors, cfg.extrapolate_tokens, cfg.rope_scaling, cfg.device)
     print(f"{result['ckpt_path']}: trained at {result['train_len']} tokens, {result['tokens']:,} "
           f"validation tokens per length\n{table(result)}")
     if result["note"]:

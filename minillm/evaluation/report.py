@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from minillm.evaluation.extrapolate import check_options, extrapolate
 from minillm.evaluation.members import Member, read_sweep, swept_keys
@@ -105,8 +105,17 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
 
 
-def _label(keys: list[str], values: tuple[str, ...]) -> str:
+def _label(values: tuple[str, ...]) -> str:
     return ", ".join(values) if values else "all runs"
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` (PNG, 120 dpi) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_curves(groups: dict[tuple[str, ...], list[Member]], keys: list[str], path: Path) -> None:
@@ -122,21 +131,19 @@ def plot_curves(groups: dict[tuple[str, ...], list[Member]], keys: list[str], pa
             if points:
                 ax.plot(*zip(*points), color=f"C{i % 10}", marker=".", alpha=0.85,
                         linestyle="-" if m.status == "ok" else "--",
-                        label=_label(keys, values) if j == 0 else None)
+                        label=_label(values) if j == 0 else None)
     ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)",
            title="Validation loss (dashed: not ok)")
     ax.grid(alpha=0.3)
     ax.legend(title=", ".join(keys) or None, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     """Final bits per byte per group: mean over ok seeds, std as error bars; no bar where none is ok."""
     import matplotlib.pyplot as plt
 
-    labels = [_label(keys, tuple(r[k] for k in keys)) for r in rows]
+    labels = [_label(tuple(r[k] for k in keys)) for r in rows]
     means = [r["val_bpb_mean"] if r["val_bpb_mean"] is not None else 0.0 for r in rows]
     stds = [r["val_bpb_std"] or 0.0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 2), 4))
@@ -152,9 +159,7 @@ def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
         top = max(m + s for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None)
         ax.set_ylim(max(0.0, min(finite) - 0.1 * (top - min(finite) + 1e-3)), top + 0.05 * (top + 1e-3))
     ax.set(ylabel="validation bits per byte", title="Final bits per byte (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _uses_rope(member: Member) -> bool:
@@ -179,7 +184,7 @@ def extrapolation_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[s
             row[f"loss_{k}x_mean"], row[f"loss_{k}x_std"] = _mean_std([r["val_loss"][j] for r in results])
         rows.append(row)
         if results[0]["note"]:
-            notes.append(f"{_label(keys, values)}: {results[0]['note']}")
+            notes.append(f"{_label(values)}: {results[0]['note']}")
     return rows, notes
 
 
@@ -192,7 +197,7 @@ def plot_extrapolation(rows: list[dict[str, Any]], keys: list[str], factors: lis
         points = [(k, row[f"loss_{k}x_mean"], row[f"loss_{k}x_std"]) for k in factors
                   if row[f"loss_{k}x_mean"] is not None]
         ax.errorbar(*zip(*points), marker="o", capsize=3, color=f"C{i % 10}",
-                    label=_label(keys, tuple(row[k] for k in keys)))
+                    label=_label(tuple(row[k] for k in keys)))
     ax.axvline(1, color="grey", linestyle=":", label="training context")
     ax.set(xscale="log", xlabel="evaluation length / training context", title="Length extrapolation",
            ylabel="validation loss (nats/token)")
@@ -200,9 +205,7 @@ def plot_extrapolation(rows: list[dict[str, Any]], keys: list[str], factors: lis
     ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def extrapolation_markdown(rows: list[dict[str, Any]], notes: list[str], keys: list[str],
@@ -284,8 +287,7 @@ def report(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("sweep_dir"):
         raise ValueError("sweep_dir is required, e.g. python eval.py mode=report "
                          "sweep_dir=multirun/ablate_position_DATE_TIME")
-    factors = OmegaConf.to_container(cfg.factors) if OmegaConf.is_list(cfg.factors) else cfg.factors
-    result = build_report(cfg.sweep_dir, cfg.get("extrapolate"), factors, cfg.extrapolate_tokens,
+    result = build_report(cfg.sweep_dir, cfg.get("extrapolate"), cfg.factors, cfg.extrapolate_tokens,
                           cfg.rope_scaling, cfg.device)
     print((Path(cfg.sweep_dir) / "report.md").read_text().split("![validation loss]")[0])
     print("written: " + ", ".join(result["files"]))

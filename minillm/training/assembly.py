@@ -4,14 +4,10 @@ handed to Lightning by ``train``.
 ``assemble(cfg)`` reports the first configuration error as a ``ValueError`` naming the key, its value
 and what would be valid, before any data is read or compute is spent: settings that need no object
 first (``checks``), then each object as it is built (its constructor checks its own keys), then the
-checks between objects. What it returns is what the run uses: the data module (not yet prepared),
-the model (real, on the CPU, built once: the presets take 0.5-2.5 s on a busy CPU, which the run
-paid anyway; the meta-device copy the checks used to build is gone, so an error between objects
-(vocabulary, context, optimizer, resume) now waits for that build), and the ``LanguageModel``
-holding it, whose
-``configure_optimizers`` builds the optimizer and scheduler. That one function is also the
-optimizer check: Lightning calls it again once the strategy has placed (and, under FSDP, sharded)
-the parameters, which is when a run's optimizer must be built (the fused kernel on a GPU).
+checks between objects. It returns what the run uses: the data module (not yet prepared), the model
+(real, on the CPU, built once) and the ``LanguageModel`` holding it, whose ``configure_optimizers``
+is also the optimizer check: Lightning calls it again once the strategy has placed (under FSDP,
+sharded) the parameters, which is when a run's optimizer must be built (fused on a GPU).
 """
 
 from dataclasses import dataclass

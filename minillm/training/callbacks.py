@@ -98,7 +98,6 @@ class ThroughputMonitor(L.Callback):
         self._after_validation = False
 
 
-
 class ProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar, showing train/loss and train/lr as read at log steps only.
 
@@ -159,6 +158,12 @@ class MetricsHistory(JsonLines):
     On resuming, lines past the checkpoint's step are dropped (``JsonLines``).
     """
 
+    # record key -> logged metric; train/* from ThroughputMonitor, when it is among the callbacks
+    FIELDS = {"val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb",
+              "val_loss_unmasked": "val/loss_unmasked", "val_bpb_unmasked": "val/bpb_unmasked",
+              "train_loss": "train/loss", "tokens_per_sec": "train/tokens_per_sec", "mfu": "train/mfu",
+              "peak_memory_mb": "train/peak_memory_mb"}
+
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.start = time.perf_counter()
@@ -167,22 +172,11 @@ class MetricsHistory(JsonLines):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
-        record = {
-            "step": trainer.global_step,
-            "tokens": getattr(pl_module, "tokens_seen", None),
-            "val_loss": _float(metrics.get("val/loss")),
-            "val_ppl": _float(metrics.get("val/ppl")),
-            "val_bpb": _float(metrics.get("val/bpb")),
-            **({"val_loss_unmasked": _float(metrics["val/loss_unmasked"]),  # data.document_mask
-                "val_bpb_unmasked": _float(metrics.get("val/bpb_unmasked"))}
-               if "val/loss_unmasked" in metrics else {}),
-            "train_loss": _float(metrics.get("train/loss")),
-            # from ThroughputMonitor, when it is among the callbacks
-            "tokens_per_sec": _float(metrics.get("train/tokens_per_sec")),
-            "mfu": _float(metrics.get("train/mfu")),
-            "peak_memory_mb": _float(metrics.get("train/peak_memory_mb")),
-            "elapsed_s": round(time.perf_counter() - self.start, 3),
-        }
+        unmasked = "val/loss_unmasked" in metrics  # data.document_mask
+        record = {"step": trainer.global_step, "tokens": getattr(pl_module, "tokens_seen", None),
+                  **{key: _float(metrics.get(name)) for key, name in self.FIELDS.items()
+                     if unmasked or not key.endswith("_unmasked")},
+                  "elapsed_s": round(time.perf_counter() - self.start, 3)}
         self._append(record)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -31,13 +31,10 @@ def check_compile(value, trainer: DictConfig) -> bool:
 
 
 def _precisions() -> list[str]:
-    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT  # a Union of Literals
 
-    def flat(t):
-        args = typing.get_args(t)
-        return [a for arg in args for a in flat(arg)] if args else [t]
-
-    return list(dict.fromkeys(str(p) for p in flat(_PRECISION_INPUT)))
+    kinds = typing.get_args(_PRECISION_INPUT)
+    return list(dict.fromkeys(str(p) for kind in kinds for p in typing.get_args(kind)))
 
 
 def check_trainer(trainer: DictConfig) -> None:

@@ -20,19 +20,19 @@ Checkpoints carry the RNG states, restored at the first training batch after a r
 interrupted run replays the uninterrupted one exactly.
 """
 
-import inspect
 import math
 from typing import Any, Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from minillm.checkpoint import match_state_dict_keys
 from minillm.config import check_int
 from minillm.model import Transformer
+from minillm.training.optimizers import build_optimizer
 from minillm.training.rng import get_rng_states, set_rng_states
 
 NONFINITE_CHECKS = ("auto", "step", "log")
@@ -50,24 +50,6 @@ def check_nonfinite(max_skips: int, check: str) -> None:
     if check == "log" and max_skips:
         raise ValueError(f"nonfinite.check=log cannot skip batches (nonfinite.max_skips={max_skips}): "
                          "skipping needs every batch checked; use nonfinite.check=step or auto")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices decay; norms, biases and embeddings (incl. tied head) do not."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for p in model.parameters():  # tied weights are yielded once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def optimizer_param_groups(factory: Callable, model: nn.Module) -> list[dict[str, Any]]:
-    """The groups the optimizer ``factory`` (a class or partial) takes: its class's own
-    ``param_groups_of(model, weight_decay)`` (``MuonAdamW``), else ``param_groups``."""
-    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
-    target = getattr(factory, "func", factory)
-    return getattr(target, "param_groups_of", param_groups)(model, weight_decay)
 
 
 class LanguageModel(L.LightningModule):
@@ -109,7 +91,8 @@ class LanguageModel(L.LightningModule):
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value.detach())
         if self._log_step():
-            self._log_progress()
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("train/tokens", float(self.tokens_seen))
         return total
 
     def _finite(self, total: Tensor) -> bool:
@@ -166,10 +149,6 @@ class LanguageModel(L.LightningModule):
         self._progress_step = step
         return True
 
-    def _log_progress(self) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        self.log("train/tokens", float(self.tokens_seen))
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Stopping through ``should_stop`` makes Lightning validate (and so checkpoint) the final
         # step too, which reaching max_steps alone does not do with an endless training stream.
@@ -198,13 +177,8 @@ class LanguageModel(L.LightningModule):
                 self.log("val/bpb_unmasked", unmasked / math.log(2) / bytes_per_token)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer over ``param_groups`` of the model where it is now (fused on a GPU)."""
-        keywords = getattr(self.optimizer_factory, "keywords", {})
-        groups = optimizer_param_groups(self.optimizer_factory, self.model)
-        if keywords.get("fused") is None and self.device.type == "cuda" and _takes_fused(self.optimizer_factory):
-            # one kernel for the whole update instead of a few per tensor
-            return self.optimizer_factory(groups, fused=True)
-        return self.optimizer_factory(groups)
+        """The optimizer over the model's parameters where they are now (fused on a GPU)."""
+        return build_optimizer(self.optimizer_factory, self.model, fused=self.device.type == "cuda")
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
@@ -268,12 +242,3 @@ def check_finite(state_dict: dict[str, Tensor], step: int) -> None:
         raise NonFiniteError(f"non-finite weights at step {step} ({bad[0]}"
                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): run stopped "
                              "without writing a checkpoint; the last one is kept (lower optimizer.lr)")
-
-
-def _takes_fused(factory: Callable) -> bool:
-    """Whether the optimizer (class or partial) accepts ``fused=`` (AdamW, Adam, SGD do)."""
-    target = getattr(factory, "func", factory)
-    try:
-        return "fused" in inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return False

@@ -31,12 +31,15 @@ by the same factor from its own initial lr (``minillm.training.schedule``). Muon
 decay is ``muon_lr * weight_decay`` per step (torch's rule).
 """
 
-from collections.abc import Iterable, MutableMapping
+import inspect
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import AdamW, Muon, Optimizer
+
+from minillm.config import is_int
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
@@ -86,20 +89,12 @@ class MuonAdamW(Optimizer):
 
     @staticmethod
     def param_groups_of(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        """Three groups: Muon's hidden matrices, AdamW's other matrices (decayed), AdamW's
-        embeddings, norms and biases (not decayed). ``configure_optimizers`` calls this."""
-        hidden, embeddings = _hidden_matrices(model), {
-            id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-        muon, decay, no_decay = [], [], []
-        for p in model.parameters():  # tied weights are yielded once
-            if p.requires_grad:
-                if id(p) in hidden:
-                    muon.append(p)
-                else:
-                    (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        """Three groups: Muon's hidden matrices, then ``param_groups`` of the rest (AdamW's other
+        matrices, decayed; its embeddings, norms and biases, not). ``build_optimizer`` calls this."""
+        hidden = _hidden_matrices(model)
+        muon = [p for p in model.parameters() if p.requires_grad and id(p) in hidden]
         return [{"params": muon, "weight_decay": weight_decay, "muon": True},
-                {"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+                *param_groups(model, weight_decay, skip=hidden)]
 
     @property
     def state(self) -> MutableMapping:
@@ -163,19 +158,52 @@ class _States(MutableMapping):
 def _check(lr, muon_lr, betas, eps, weight_decay, momentum, nesterov, ns_steps, adjust_lr_fn) -> None:
     """The settings torch's Muon and AdamW reject (some only at the first step), as one line
     naming ``optimizer.<key>``, its value and what is valid."""
-    for key, value in (("lr", lr), ("muon_lr", muon_lr), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"optimizer.{key}={value!r} must be a number >= 0")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"optimizer.eps={eps!r} must be a number > 0")
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise ValueError(f"optimizer.betas={list(betas)!r} must be two numbers in [0, 1)")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"optimizer.momentum={momentum!r} must be in [0, 1)")
-    if not isinstance(nesterov, bool):
-        raise ValueError(f"optimizer.nesterov={nesterov!r} must be true or false")
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
-        raise ValueError(f"optimizer.ns_steps={ns_steps!r} must be an integer in [1, 100)")
-    if adjust_lr_fn not in ADJUST_LR_FNS:
-        raise ValueError(f"optimizer.adjust_lr_fn={adjust_lr_fn!r} must be one of "
-                         f"{', '.join(ADJUST_LR_FNS)}")
+    def real(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    for key, value, ok, valid in [
+        *((k, v, real(v) and v >= 0, "a number >= 0") for k, v in
+          (("lr", lr), ("muon_lr", muon_lr), ("weight_decay", weight_decay))),
+        ("eps", eps, isinstance(eps, (int, float)) and eps > 0, "a number > 0"),
+        ("betas", list(betas), len(betas) == 2 and all(real(b) and 0 <= b < 1 for b in betas),
+         "two numbers in [0, 1)"),
+        ("momentum", momentum, real(momentum) and 0 <= momentum < 1, "in [0, 1)"),
+        ("nesterov", nesterov, isinstance(nesterov, bool), "true or false"),
+        ("ns_steps", ns_steps, is_int(ns_steps, 1, 99), "an integer in [1, 100)"),
+        ("adjust_lr_fn", adjust_lr_fn, adjust_lr_fn in ADJUST_LR_FNS, f"one of {', '.join(ADJUST_LR_FNS)}"),
+    ]:
+        if not ok:
+            raise ValueError(f"optimizer.{key}={value!r} must be {valid}")
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: set[int] = frozenset()) -> list[dict[str, Any]]:
+    """Two AdamW groups of the parameters not in ``skip`` (ids): matrices decay; norms, biases and
+    embeddings (incl. tied head) do not."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():  # tied weights are yielded once
+        if p.requires_grad and id(p) not in skip:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_param_groups(factory: Callable, model: nn.Module) -> list[dict[str, Any]]:
+    """The groups the optimizer ``factory`` (a class or partial) takes: its class's own
+    ``param_groups_of(model, weight_decay)`` (``MuonAdamW``), else ``param_groups``."""
+    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+    target = getattr(factory, "func", factory)
+    return getattr(target, "param_groups_of", param_groups)(model, weight_decay)
+
+
+def build_optimizer(factory: Callable, model: nn.Module, fused: bool) -> Optimizer:
+    """``factory`` over ``optimizer_param_groups``; with ``fused`` (on a GPU) the fused kernel (one
+    kernel for the whole update instead of a few per tensor) where it takes ``fused=`` and the
+    config leaves it unset (AdamW, Adam, SGD)."""
+    groups = optimizer_param_groups(factory, model)
+    try:
+        takes_fused = "fused" in inspect.signature(getattr(factory, "func", factory)).parameters
+    except (TypeError, ValueError):
+        takes_fused = False
+    if fused and takes_fused and getattr(factory, "keywords", {}).get("fused") is None:
+        return factory(groups, fused=True)
+    return factory(groups)
