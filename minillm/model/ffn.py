@@ -55,21 +55,12 @@ class SwiGLU(nn.Module):
         return [self.down.weight]
 
 
-class ReLU2(nn.Module):
+class ReLU2(MLP):
     """Squared-ReLU MLP of Primer (So et al. 2021), ``down(relu(up(x))^2)``; ``d_hidden`` default 4C.
 
     modded-nanogpt's choice: as cheap as GPT-2's MLP (two matrices, no gate) and sparse activations.
+    The Hugging Face exporters compare exact classes, so this subclass never exports as GPT-2's MLP.
     """
-
-    def __init__(self, d_model: int, d_hidden: int | None = None, bias: bool = False) -> None:
-        super().__init__()
-        d_hidden = d_hidden or 4 * d_model
-        self.up = nn.Linear(d_model, d_hidden, bias=bias)
-        self.down = nn.Linear(d_hidden, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.relu(self.up(x)).square())
-
-    def residual_out(self) -> list[Tensor]:
-        """The output projection, which writes into the residual stream."""
-        return [self.down.weight]
