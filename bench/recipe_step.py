@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from minillm import build_model  # noqa: E402
-from minillm.training.module import optimizer_param_groups  # noqa: E402
+from minillm.training.optimizers import optimizer_param_groups  # noqa: E402
 
 MEMBERS = sorted(p.stem for p in (ROOT / "configs/ablate/recipe").glob("*.yaml"))
 
