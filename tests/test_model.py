@@ -374,7 +374,7 @@ def test_zero_proj_model_learns():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(30):
-        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        loss = model(idx[:, :-1], targets=idx[:, 1:]).loss
         opt.zero_grad()
         loss.backward()
         if step == 0:
