@@ -72,11 +72,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 def model_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``Transformer``'s weights from a LightningModule state dict (``model.`` prefix and
     torch.compile's ``_orig_mod.`` removed)."""
-    out = {}
-    for key, value in state_dict.items():
-        key = key.replace("_orig_mod.", "")
-        out[key.removeprefix("model.")] = value
-    return out
+    return {key.replace("_orig_mod.", "").removeprefix("model."): value for key, value in state_dict.items()}
 
 
 def match_state_dict_keys(state_dict: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:

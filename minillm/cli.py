@@ -10,6 +10,7 @@ import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
+from unittest import mock
 
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException, \
     OverrideParseException
@@ -49,18 +50,12 @@ def _exit_unless_multirun(code: int, error: Exception) -> None:
 def composition_errors() -> Iterator[None]:
     """Report a Hydra composition error as one line and exit code 2, e.g.
     ``error: model=nope: no such option; valid: alibi, gpt2, llama, ...``."""
-    full_error = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a multi-line report
-    try:
-        yield
+    try:  # HYDRA_FULL_ERROR: Hydra re-raises instead of printing a multi-line report
+        with mock.patch.dict(os.environ, HYDRA_FULL_ERROR="1"):
+            yield
     except (ConfigCompositionException, OverrideParseException) as e:
         print(f"error: {composition_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
-    finally:
-        if full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 def composition_message(e: Exception) -> str:

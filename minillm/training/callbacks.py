@@ -26,17 +26,14 @@ from minillm.training.throughput import flops_per_token, peak_flops
 class ThroughputMonitor(L.Callback):
     """Log train/tokens_per_sec, train/mfu and train/peak_memory_mb every ``log_every_n_steps``.
 
-    Reads only host-side state (tokens counted by the module, wall clock, the CUDA allocator's
-    peak), so it adds no device sync. Tokens and FLOPs are those of all ranks; MFU divides by the
-    peak of one device (``peak_flops``, else looked up from the device name) times the world size
-    and is not logged when that peak is unknown (CPU, an unlisted GPU). Validation time, and what
-    follows it up to the next training batch (checkpoints, text samples), is excluded.
+    Reads host-side state only (tokens counted by the module, wall clock, the allocator's peak).
+    MFU divides all ranks' FLOP/s by one device's peak (``peak_flops``, else looked up from the
+    device name) times the world size; it is not logged when the peak is unknown (CPU). Validation,
+    and what follows it up to the next training batch (checkpoints, text samples), is excluded.
 
     Lightning's own ``ThroughputMonitor`` does not do this job: it calls ``torch.cuda.synchronize()``
-    after every batch (a host wait per step, which this repo's loop avoids: tests/test_train.py
-    ``test_the_training_loop_reads_the_device_only_at_log_steps``), counts samples rather than
-    tokens across ranks, takes its peak from ``get_available_flops`` (see ``throughput.py`` for the
-    chips it misses) and has no peak override.
+    after every batch (a host wait per step, which tests/test_train.py forbids), counts samples
+    rather than tokens, and takes its peak from ``get_available_flops`` (see ``throughput.py``).
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
@@ -153,10 +150,7 @@ class JsonLines(L.Callback):
 
 
 class MetricsHistory(JsonLines):
-    """Append one JSON line per validation to ``path``: step, tokens, val loss/bpb, speed, memory.
-
-    On resuming, lines past the checkpoint's step are dropped (``JsonLines``).
-    """
+    """Append one JSON line per validation to ``path``: step, tokens, val loss/bpb, speed, memory."""
 
     # record key -> logged metric; train/* from ThroughputMonitor, when it is among the callbacks
     FIELDS = {"val_loss": "val/loss", "val_ppl": "val/ppl", "val_bpb": "val/bpb",
@@ -190,18 +184,13 @@ class MetricsHistory(JsonLines):
 
 
 class SampleText(JsonLines):
-    """After every ``every_n_validations``-th validation, generate ``num_samples`` continuations of
-    each of ``prompts`` on global rank 0 and append one JSON line per text to ``path``:
-    ``{"step", "prompt", "sample", "text"}``; with a ``WandbLogger``, also a W&B table ``samples``.
-
-    The texts are those ``eval.py mode=sample`` prints for the checkpoint of that step with the
-    same settings (``minillm.generation.continuations``; exactly so in fp32). Training is
-    unchanged: sampling draws from its own generator seeded with ``seed`` (the same at every
-    validation, so the texts change only as the model does), in eval mode without gradients,
-    eagerly under ``torch.compile`` (varying shapes would recompile), under bf16 autocast when
-    training is bf16 on a GPU. Other ranks do nothing (no collective is involved). Non-finite
-    weights are not sampled. Under FSDP the parameters are sharded across the ranks, so rank 0
-    alone cannot run the model: nothing is sampled, with a warning.
+    """After every ``every_n_validations``-th validation, append to ``path`` one JSON line
+    ``{"step", "prompt", "sample", "text"}`` per continuation of each prompt (global rank 0; with a
+    ``WandbLogger`` also a W&B table ``samples``): the texts ``eval.py mode=sample`` prints for that
+    step's checkpoint (``minillm.generation.continuations``). Training is unchanged: sampling has
+    its own generator seeded with ``seed``, runs in eval mode, eagerly under ``torch.compile``
+    (varying shapes would recompile) and in bf16 when training is. Non-finite weights are not
+    sampled; under FSDP (parameters sharded) nothing is, with a warning.
     """
 
     SHARDED = (FSDPStrategy, ModelParallelStrategy)
@@ -280,19 +269,18 @@ class SampleText(JsonLines):
 
 def _check_sampling(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, seed, every) -> None:
     """Reject bad ``callbacks.samples`` settings at construction, before any training."""
-    def bad(key: str, value, valid: str) -> ValueError:
-        return ValueError(f"callbacks.samples.{key}={value!r}: {valid}")
-
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts or \
-            not all(isinstance(p, str) for p in prompts):
-        raise bad("prompts", prompts, 'must be a non-empty list of strings, e.g. ["Once upon a time"]')
+    listed = isinstance(prompts, Sequence) and not isinstance(prompts, str)
+    for key, value, ok, valid in [
+        ("prompts", prompts, listed and prompts and all(isinstance(p, str) for p in prompts),
+         'must be a non-empty list of strings, e.g. ["Once upon a time"]'),
+        ("seed", seed, is_int(seed, -2**63 + 1, 2**63 - 1), "must be an integer (sampling has its "
+         "own generator: the training random state is never drawn from)"),
+        ("every_n_validations", every, is_int(every), "must be an integer >= 1"),
+    ]:
+        if not ok:
+            raise ValueError(f"callbacks.samples.{key}={value!r}: {valid}")
     check_sampling("callbacks.samples.", max_new_tokens, num_samples, temperature, top_k, top_p,
                    min_new_tokens=1)
-    if not is_int(seed, -2**63 + 1, 2**63 - 1):
-        raise bad("seed", seed, "must be an integer (sampling has its own generator: the training "
-                                "random state is never drawn from)")
-    if not is_int(every):
-        raise bad("every_n_validations", every, "must be an integer >= 1")
 
 
 def _step(line: str) -> int | None:

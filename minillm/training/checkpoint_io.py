@@ -1,13 +1,7 @@
-"""Checkpoint files for Lightning: atomic writes and code-free reads.
-
-``AtomicCheckpointIO`` is the Trainer's ``CheckpointIO`` plugin (``train`` wires it in), so every
-checkpoint Lightning writes (``ModelCheckpoint``'s last.ckpt and best.ckpt) and the resume path of
-``trainer.fit(ckpt_path=...)`` go through it:
-
-* save: ``torch.save`` through ``minillm.files.atomic_write``: a crash or SIGKILL at any moment
-  leaves either the old file or the new one, never a torn one.
-* load: ``minillm.checkpoint.load_plain``, always ``weights_only=True``, whatever the caller asks,
-  so a crafted file cannot run code, and a truncated one is reported as such.
+"""``AtomicCheckpointIO``, the Trainer's ``CheckpointIO`` plugin (docs/reliability.md): every
+checkpoint Lightning writes is saved through ``minillm.files.atomic_write`` (a crash leaves the old
+file or the new one, never a torn one), and every read, the resume included, is
+``minillm.checkpoint.load_plain`` with ``weights_only=True`` whatever the caller asks.
 """
 
 from pathlib import Path

@@ -1,11 +1,6 @@
 """The checks of a training run, each a pure function of the config or of one object the run will
-use, raising a ``ValueError`` that names the key, its value and what would be valid.
-
-``minillm.training.assembly.assemble`` calls them while it builds the run's objects, before any data
-is prepared or compute is spent: first the settings that need no object (trainer, compile), then
-the objects' own constructors (each checks its keys), then checks that span groups: the model's
-vocabulary against the tokenizer's, the training context against a learned position table, and a
-resumed checkpoint against the model it must load into.
+use, raising a ``ValueError`` that names the key, its value and what would be valid; ``assemble``
+calls them in order (see ``minillm.training.assembly``).
 """
 
 import typing

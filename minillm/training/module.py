@@ -1,23 +1,13 @@
 """The LightningModule: next-token cross-entropy plus the model's auxiliary losses.
 
-Logged (every ``trainer.log_every_n_steps``; values stay on the device until then): train/loss
-(LM loss), train/ppl, train/aux/<name>, train/lr, train/tokens (seen, all ranks); after each
-validation: val/loss, val/ppl, val/bpb (bits per UTF-8 byte of the validation text); with
-``data.document_mask`` (batches ``(x, y, documents)``) those are as trained, attention kept inside
-each story, and val/loss_unmasked, val/bpb_unmasked score the same windows without the mask. Throughput
-(tokens/s, MFU, peak memory) is the ``ThroughputMonitor`` callback's, from ``tokens_seen``.
-
-Reliability: a non-finite loss stops the run with ``NonFiniteError`` naming the step, before any
-update (or, with ``max_nonfinite_skips=N``, skips up to N such batches: no gradient from them); with
-``nonfinite_check="log"`` (``auto``: on a GPU without skips) it is checked at log steps only, so no
-step waits for the device; a checkpoint is never written from non-finite weights.
-
+Logs train/loss, train/ppl, train/aux/<name>, train/lr and train/tokens at log steps, and after each
+validation val/loss, val/ppl and val/bpb (with ``data.document_mask``, as trained, plus
+val/loss_unmasked and val/bpb_unmasked without the mask); docs/training.md. A non-finite loss stops
+the run before any update, naming the step, or skips the batch (``nonfinite``; docs/reliability.md).
 No device value is read on the host between log steps: nothing is logged with ``prog_bar=True``
-during training, because Lightning converts every progress-bar metric to a Python number after
-every batch; ``callbacks.ProgressBar`` shows the loss instead, as read at log steps.
-
-Checkpoints carry the RNG states, restored at the first training batch after a resume so an
-interrupted run replays the uninterrupted one exactly.
+during training (Lightning would read it after every batch); ``callbacks.ProgressBar`` shows the
+loss as read at log steps. Checkpoints carry the RNG states, restored at the first batch after a
+resume, so an interrupted run replays the uninterrupted one exactly.
 """
 
 import math
@@ -162,19 +152,17 @@ class LanguageModel(L.LightningModule):
             self.val_loss_unmasked.update(self.model(x, targets=y).loss, weight=y.numel())
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        unmasked = self.val_loss_unmasked.compute() if self.val_loss_unmasked.update_called else None
-        self.val_loss_unmasked.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())
-        if unmasked is not None:
-            self.log("val/loss_unmasked", unmasked)
         bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", None)
-        if bytes_per_token:
-            self.log("val/bpb", loss / math.log(2) / bytes_per_token)
-            if unmasked is not None:
-                self.log("val/bpb_unmasked", unmasked / math.log(2) / bytes_per_token)
+        for suffix, metric in (("", self.val_loss), ("_unmasked", self.val_loss_unmasked)):
+            if suffix and not metric.update_called:  # scored without the mask only with documents
+                continue
+            loss = metric.compute()
+            metric.reset()
+            self.log(f"val/loss{suffix}", loss, prog_bar=not suffix)
+            if not suffix:
+                self.log("val/ppl", loss.exp())
+            if bytes_per_token:
+                self.log(f"val/bpb{suffix}", loss / math.log(2) / bytes_per_token)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer over the model's parameters where they are now (fused on a GPU)."""

@@ -1,15 +1,9 @@
 """Observe Mixture-of-Experts routing: per-layer metrics to the run's loggers and an expert-load heatmap.
 
-``MoEMonitor`` logs, on every ``log_every_n_steps``-th optimizer step, for each MoE layer i (the i-th
-MoE layer of the model): ``moe/layer{i}/imbalance`` (max/mean tokens per expert), ``entropy``
-(mean routing entropy, nats), ``dropped`` (assignments over capacity), ``balance_loss`` and
-``z_loss`` (unweighted) of the latest forward, and ``tokens_e{j}`` (tokens routed to expert j).
-It reads the layers' detached device ``stats`` only on those steps (one host transfer), sums the
-loads of every training batch on the device in between, and at the end of training writes
-``expert_load.png`` (layers x experts over steps) into ``trainer.default_root_dir``.
-
-``plot_expert_load(model, batches, path)`` draws the same figure for a trained model on some
-(validation) batches, one column per batch.
+``MoEMonitor`` logs ``moe/layer{i}/{imbalance,entropy,dropped,balance_loss,z_loss,tokens_e{j}}``
+every ``log_every_n_steps`` optimizer steps (docs/moe.md), reading the layers' device ``stats`` only
+then (one host transfer; loads are summed on the device in between), and writes
+``expert_load.png`` into ``trainer.default_root_dir`` at the end of training.
 """
 
 from pathlib import Path

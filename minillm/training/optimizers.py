@@ -1,34 +1,12 @@
 """``MuonAdamW``: ``torch.optim.Muon`` for the hidden matrices, ``torch.optim.AdamW`` for the rest,
 behind the one ``torch.optim.Optimizer`` that Lightning, the schedule and checkpoints see.
 
-Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; Liu et al. 2025, "Muon is
-scalable for LLM training") orthogonalizes the momentum of a 2-D weight before the update, so it is
-meant for the matrices of the hidden layers only. Which parameter goes where
-(``MuonAdamW.param_groups_of``):
-
-- Muon: the weight of every ``nn.Linear`` inside ``model.blocks`` (attention ``qkv`` and ``proj``,
-  FFN ``up``/``gate_up``/``down``), with ``optimizer.weight_decay``.
-- AdamW, decayed: every other matrix: MoE routers (a ``TopKRouter``'s d_model x n_experts
-  projection picks experts; it is a classifier head, not a hidden layer), the 3-D MoE expert banks
-  (E, C, F) (``torch.optim.Muon`` accepts 2-D parameters only and has no batched form), and an
-  untied LM head (outside the blocks).
-- AdamW, no decay: embeddings (the tied LM head with them), norms, biases.
-
-Fused matrices: ``qkv`` (q, k and v rows stacked) and ``gate_up`` are orthogonalized as one matrix,
-not per block as modded-nanogpt does for q, k, v. Muon is steepest descent under the spectral norm
-of a linear map; the fused matrix is the map C -> (q, k, v) the model has, so its orthogonalized
-update is a valid Muon step of that map, and it keeps Muon on real leaf parameters: splitting would
-mean optimizer-private views of parameter storage that Lightning, DDP, FSDP and checkpoints know
-nothing about (torch's Muon takes whole parameters). The cost is coupling: a large k gradient
-shrinks the q block's share of the unit-spectral-norm update. ``tests/test_recipe.py`` pins the
-choice (the fused update equals torch's Muon on the whole matrix).
-
-Learning rates: Muon has its own, ``muon_lr`` = 0.02 with ``adjust_lr_fn="original"`` (Keller
-Jordan's: the update scaled by sqrt(max(1, rows / cols))); AdamW keeps ``lr``. Measured on the
-synthetic corpus (docs/recipe.md) this beat Moonlight's ``match_rms_adamw`` at AdamW's lr
-(``muon_lr: null``), which remains one setting away. The warmup-cosine schedule scales every group
-by the same factor from its own initial lr (``minillm.training.schedule``). Muon's decoupled weight
-decay is ``muon_lr * weight_decay`` per step (torch's rule).
+Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is scalable for LLM training") orthogonalizes the
+momentum of a 2-D weight, so it takes the ``nn.Linear`` weights inside ``model.blocks`` only; MoE
+routers, 3-D expert banks, an untied head, embeddings, norms and biases stay with AdamW
+(``MuonAdamW.param_groups_of``). Fused ``qkv`` and ``gate_up`` are orthogonalized whole, keeping
+Muon on real leaf parameters. docs/recipe.md gives the split, the learning rates (``muon_lr`` 0.02,
+``adjust_lr_fn="original"``, measured against ``match_rms_adamw``) and why.
 """
 
 import inspect

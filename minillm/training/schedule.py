@@ -5,6 +5,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from minillm.config import check_int
+
 # warmup_steps=auto: this many steps, or a tenth of a shorter run, so `trainer.max_steps=30` works
 # as typed while the default 1,000- and 5,000-step runs keep the 100 steps they always had.
 AUTO_WARMUP_STEPS, AUTO_WARMUP_FRACTION = 100, 0.1
@@ -34,9 +36,7 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int | str, max_steps: int,
     """A per-step ``LambdaLR`` following ``warmup_cosine_lr`` from each group's initial lr, down to
     ``min_lr`` scaled by that lr over the first group's (``optimizer.lr``): every group decays by
     the same factor, also with Muon's own lr (``optimizer=muon``)."""
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"scheduler.max_steps={max_steps!r} must be a positive integer "
-                         "(it follows trainer.max_steps; set trainer.max_steps=N)")
+    check_int(max_steps, "scheduler.max_steps", hint=" (it follows trainer.max_steps; set trainer.max_steps=N)")
     warmup_steps = resolve_warmup(warmup_steps, max_steps)
     if not 0 <= warmup_steps < max_steps:
         raise ValueError(f"scheduler.warmup_steps={warmup_steps!r} must be in [0, "

@@ -1,10 +1,6 @@
-"""What each run of a Hydra sweep (``python train.py -m ...``) leaves for ``eval.py mode=report``.
-
-* ``RunStatus`` (a Hydra callback, ``hydra.callbacks.run_status`` in configs/train.yaml) writes
-  ``<run dir>/status.json``: ``running`` when the job starts, ``completed`` or ``failed`` (with the
-  error) when it ends. A run killed in between stays ``running``, which the report shows as
-  unfinished.
-(``minillm.training.loggers.wandb_grouping`` puts the runs of one sweep into one W&B group.)
+"""``RunStatus``, a Hydra callback (``hydra.callbacks.run_status`` in configs/train.yaml), writes
+``<run dir>/status.json`` for ``eval.py mode=report``: ``running`` when the job starts, ``completed``
+or ``failed`` (with the error) when it ends; a run killed in between stays ``running`` (unfinished).
 """
 
 import json
