@@ -106,11 +106,8 @@ class ProgressBar(TQDMProgressBar):
     """
 
     SHOWN = ("train/loss", "train/lr")
-
-    def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
-        super().__init__(refresh_rate=refresh_rate, leave=leave)
-        self._shown: dict[str, float] = {}
-        self._read_step = -1
+    _shown: dict[str, float] = {}  # replaced, never mutated: a class default is safe
+    _read_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -168,8 +165,8 @@ class MetricsHistory(JsonLines):
         metrics = trainer.callback_metrics
         unmasked = "val/loss_unmasked" in metrics  # data.document_mask
         record = {"step": trainer.global_step, "tokens": getattr(pl_module, "tokens_seen", None),
-                  **{key: _float(metrics.get(name)) for key, name in self.FIELDS.items()
-                     if unmasked or not key.endswith("_unmasked")},
+                  **{key: float(metrics[name]) if name in metrics else None
+                     for key, name in self.FIELDS.items() if unmasked or not key.endswith("_unmasked")},
                   "elapsed_s": round(time.perf_counter() - self.start, 3)}
         self._append(record)
 
@@ -289,10 +286,6 @@ def _step(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _float(value) -> float | None:
-    return None if value is None else float(value)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -11,7 +11,6 @@ import csv
 import netrc
 import os
 import secrets
-import string
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,7 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     path = Path(run_dir) / WANDB_ID_FILE
     if resuming and path.is_file():
         return path.read_text().strip()
-    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids
     if rank_zero_only.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: f.write(run_id + "\n"), mode="w")

@@ -36,7 +36,8 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int | str, max_steps: int,
     """A per-step ``LambdaLR`` following ``warmup_cosine_lr`` from each group's initial lr, down to
     ``min_lr`` scaled by that lr over the first group's (``optimizer.lr``): every group decays by
     the same factor, also with Muon's own lr (``optimizer=muon``)."""
-    check_int(max_steps, "scheduler.max_steps", hint=" (it follows trainer.max_steps; set trainer.max_steps=N)")
+    check_int(max_steps, "scheduler.max_steps",
+              hint=" (it follows trainer.max_steps; set trainer.max_steps=N)")
     warmup_steps = resolve_warmup(warmup_steps, max_steps)
     if not 0 <= warmup_steps < max_steps:
         raise ValueError(f"scheduler.warmup_steps={warmup_steps!r} must be in [0, "
