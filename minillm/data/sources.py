@@ -10,6 +10,7 @@ tokenizer and cache code (``clean_story`` included).
 import hashlib
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -171,30 +172,25 @@ class HubSource:
     key = "tinystories-hub"
     describe = f"TinyStories (Hugging Face {HUB_ID})"
 
-    def __init__(self) -> None:
-        self._ds: DatasetDict | None = None
-
-    def _load(self) -> DatasetDict:
-        if self._ds is None:
-            try:
-                ds = load_dataset(HUB_ID)
-            except Exception as e:  # noqa: BLE001 - each datasets version raises its own type offline
-                raise DataUnavailableError(
-                    f"cannot load {HUB_ID} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-                    f"Point data.path=DIR at a local copy ({RECOGNISED}), or train on the offline "
-                    "corpus with data=synthetic."
-                ) from e
-            self._ds = DatasetDict({s: ds[s].select_columns(["text"]) for s in SPLITS})
-        return self._ds
+    @cached_property
+    def _ds(self) -> DatasetDict:
+        try:
+            ds = load_dataset(HUB_ID)
+        except Exception as e:  # noqa: BLE001 - each datasets version raises its own type offline
+            raise DataUnavailableError(
+                f"cannot load {HUB_ID} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                f"Point data.path=DIR at a local copy ({RECOGNISED}), or train on the offline "
+                "corpus with data=synthetic."
+            ) from e
+        return DatasetDict({s: ds[s].select_columns(["text"]) for s in SPLITS})
 
     def fingerprint(self) -> str:
         """The ``datasets`` fingerprints of both splits (they follow the cached revision)."""
-        ds = self._load()
-        return "+".join(ds[s]._fingerprint for s in SPLITS)
+        return "+".join(self._ds[s]._fingerprint for s in SPLITS)
 
     def load(self, work_dir: Path) -> DatasetDict:
         """The cached Hub data set."""
-        return self._load()
+        return self._ds
 
 
 def make_source(source: str, path: str | None, n_stories: int, corpus_seed: int):
