@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from functools import cached_property
+from itertools import groupby
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -41,16 +42,10 @@ def clean_story(text: str) -> str:
 
 def read_story_file(path: str | Path) -> list[str]:
     """Stories of a TinyStories text file: the text between lines that read exactly ``EOT``."""
-    stories, lines = [], []
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip() == EOT:
-                stories.append("".join(lines))
-                lines = []
-            else:
-                lines.append(line)
-    stories.append("".join(lines))  # text after the last separator (usually empty)
-    return [s for s in stories if s.strip()]
+        runs = groupby(fh, key=lambda line: line.strip() == EOT)  # separator lines, story lines, ...
+        stories = ("".join(lines) for separator, lines in runs if not separator)
+        return [s for s in stories if s.strip()]
 
 
 def _story_rows(paths: list[str]):
