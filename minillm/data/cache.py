@@ -97,11 +97,10 @@ def _tokenize_split(ds, split: str, tok_json: str, dtype: np.dtype, num_proc: in
 def build_cache(
     source, folder: Path, vocab_size: int, num_proc: int, show_progress: bool = True
 ) -> dict:
-    """Make ``folder`` hold the tokenizer and token files of ``source``; reuse them when still valid.
+    """Make ``folder`` hold the tokenizer and token files of ``source`` and return the manifest.
 
-    Returns the manifest. Rebuilds when the manifest is missing or incomplete, the source fingerprint
-    changed, or the tokenizer file no longer matches its recorded hash. If the source cannot be
-    reached but a complete cache built from it exists, that cache is used, with a warning.
+    A complete cache is reused while its source's fingerprint is unchanged, or while the source
+    cannot be reached (with a warning); docs/data.md (Cache).
     """
     manifest = read_manifest(folder)
     try:

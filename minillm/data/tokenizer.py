@@ -25,11 +25,7 @@ def check_vocab_size(vocab_size: int) -> None:
 def train_tokenizer(
     texts: Iterable[list[str]] | Iterable[str], vocab_size: int, show_progress: bool = False
 ) -> Tokenizer:
-    """Train a byte-level BPE of at most ``vocab_size`` tokens on ``texts`` (strings or batches).
-
-    A small corpus may stop with fewer tokens than ``vocab_size`` (no pair left to merge); ids stay
-    below ``vocab_size`` either way, so the model's embedding table still fits.
-    """
+    """A byte-level BPE of at most ``vocab_size`` tokens (fewer if merges run out: docs/data.md)."""
     check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
