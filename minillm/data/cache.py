@@ -1,20 +1,15 @@
 """The token cache: a trained tokenizer and each split's tokens as a flat uint16/uint32 memmap file.
 
-Layout of ``<cache_dir>/<source key>-v<vocab_size>/``: ``tokenizer.json``, ``train.bin``,
-``validation.bin`` and ``manifest.json``. The manifest is written last and is the only thing a
-later run trusts: it records the source fingerprint, the tokenizer's SHA-256, the dtype and each
-split's token, story and UTF-8 byte counts. Every file is written to a temporary name and moved
-into place with ``os.replace``, and a rebuild deletes the old manifest first, so an interrupted run
-leaves nothing that looks complete.
+Layout, manifest and why an interrupted run leaves nothing a later run trusts: docs/data.md (Cache).
 """
 
+import functools
 import json
 import logging
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from datasets import Features, Sequence, Value
@@ -61,15 +56,10 @@ def _encode_batch(batch: dict[str, list[str]], tokenizer_json: str) -> dict[str,
     return {"ids": ids, "n_bytes": [len(t.encode()) for t in texts]}
 
 
-_TOKENIZERS: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _worker_tokenizer(tokenizer_json: str):
     """One parsed tokenizer per process (``map`` calls the function once per 1000 stories)."""
-    if tokenizer_json not in _TOKENIZERS:
-        _TOKENIZERS.clear()
-        _TOKENIZERS[tokenizer_json] = load_tokenizer(tokenizer_json)
-    return _TOKENIZERS[tokenizer_json]
+    return load_tokenizer(tokenizer_json)
 
 
 def _write_tokens(fh, ds, dtype: np.dtype) -> dict[str, int]:
@@ -107,11 +97,10 @@ def _tokenize_split(ds, split: str, tok_json: str, dtype: np.dtype, num_proc: in
 def build_cache(
     source, folder: Path, vocab_size: int, num_proc: int, show_progress: bool = True
 ) -> dict:
-    """Make ``folder`` hold the tokenizer and token files of ``source``; reuse them when still valid.
+    """Make ``folder`` hold the tokenizer and token files of ``source`` and return the manifest.
 
-    Returns the manifest. Rebuilds when the manifest is missing or incomplete, the source fingerprint
-    changed, or the tokenizer file no longer matches its recorded hash. If the source cannot be
-    reached but a complete cache built from it exists, that cache is used, with a warning.
+    A complete cache is reused while its source's fingerprint is unchanged, or while the source
+    cannot be reached (with a warning); docs/data.md (Cache).
     """
     manifest = read_manifest(folder)
     try:

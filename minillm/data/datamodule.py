@@ -1,15 +1,9 @@
-"""``TokenDataModule``: the token cache served as Lightning dataloaders.
+"""``TokenDataModule``: the token cache served as Lightning dataloaders (docs/data.md: Batches,
+Document masks, Bits per byte).
 
-Training is an endless stream of ``(x, y)`` windows at random offsets, ``y`` = ``x`` shifted by one.
-Micro-batch ``n`` on rank ``r`` of ``w`` is a pure function of ``(seed, n, r, w)``: it draws its
-offsets from a generator seeded with ``(seed, n * w + r)``, so it does not depend on the worker
-count, and resuming at ``start_batch = n`` replays the stream exactly from batch ``n``.
-Validation is deterministic, non-overlapping windows; bits per byte =
-``mean nats per token / ln 2 / bytes_per_token`` (REFERENCE.md: loss * n_tokens / (n_bytes * ln 2)).
-
-With ``document_mask=True`` both streams yield ``(x, y, documents)``: ``documents`` (B, T) int64 =
-``cumsum(x == eot_id)`` along each window, so ``<|endoftext|>`` (which follows every story) opens the
-next document and the model can keep attention inside a story (``Transformer(..., documents=)``).
+Micro-batch ``n`` on rank ``r`` of ``w`` draws its offsets from a generator seeded with
+``(seed, n * w + r)``, so it does not depend on the DataLoader worker count, and resuming at
+``start_batch = n`` replays the stream exactly from batch ``n``.
 """
 
 import hashlib
@@ -24,6 +18,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minillm.config import check_int
@@ -70,8 +66,9 @@ class TrainStream(_Windows):
     def __init__(self, path: str, dtype: str, seq_len: int, batch_size: int, seed: int,
                  start_batch: int = 0, rank: int = 0, world_size: int = 1,
                  eot_id: int | None = None) -> None:
-        self.path, self.dtype, self.seq_len, self.batch_size, self.seed = path, dtype, seq_len, batch_size, seed
-        self.start_batch, self.rank, self.world_size, self.eot_id = start_batch, rank, world_size, eot_id
+        self.path, self.dtype, self.seq_len, self.batch_size = path, dtype, seq_len, batch_size
+        self.seed, self.start_batch, self.rank, self.world_size = seed, start_batch, rank, world_size
+        self.eot_id = eot_id
 
     def batch(self, tokens: np.ndarray, n: int) -> tuple[torch.Tensor, ...]:
         """Micro-batch ``n`` of this rank: (x, y[, documents]), each (batch_size, seq_len) int64."""
@@ -157,25 +154,21 @@ class TokenDataModule(L.LightningDataModule):
         self.seed, self.show_progress = seed, show_progress
         self.folder = _resolve(cache_dir) / f"{self.source.key}-v{vocab_size}"
         self.start_batch = 0
-        self._prepared = False
         self.manifest: dict | None = None
         self._tokenizer = None
 
     # ---- preparing and opening the cache ----
     def prepare_data(self) -> None:
         """Load the text, train the tokenizer and tokenize both splits into the cache (or reuse it)."""
-        if self._prepared:
-            return
-        self.manifest = build_cache(
-            self.source, self.folder, self.vocab_size, self.num_proc, self.show_progress
-        )
-        self._prepared = True
+        if self.manifest is None:  # once: checking the source hashes all of it
+            self.manifest = build_cache(self.source, self.folder, self.vocab_size, self.num_proc,
+                                        self.show_progress)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache; without a trainer (eval.py, notebooks) prepare it first if needed."""
         if self._tokenizer is not None:
             return
-        if not self._prepared and self.trainer is None:
+        if self.trainer is None:
             self.prepare_data()
         manifest = read_manifest(self.folder)
         if manifest is None:
@@ -198,8 +191,7 @@ class TokenDataModule(L.LightningDataModule):
         self.manifest, self._tokenizer_json, self._tokenizer = manifest, tokenizer_json, tokenizer
 
     def _ready(self) -> dict:
-        if self._tokenizer is None:
-            self.setup()
+        self.setup()  # returns at once when set up already
         return self.manifest
 
     # ---- tokenizer ----
@@ -231,10 +223,7 @@ class TokenDataModule(L.LightningDataModule):
 
     @property
     def bytes_per_token(self) -> float:
-        """UTF-8 bytes of the validation stories per validation token (EOT tokens included).
-
-        Bits per byte = mean validation loss in nats per token / ln 2 / bytes_per_token.
-        """
+        """UTF-8 bytes of the validation stories per validation token (EOT tokens included)."""
         val = self._ready()["splits"]["validation"]
         return val["bytes"] / val["tokens"]
 
@@ -252,9 +241,7 @@ class TokenDataModule(L.LightningDataModule):
 
     # ---- dataloaders ----
     def _rank(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
+        return (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
 
     def _bin(self, split: str) -> tuple[str, str]:
         return str(self.folder / f"{split}.bin"), self._ready()["dtype"]
@@ -319,12 +306,4 @@ def _resolve(cache_dir: str | None) -> Path:
     path = Path(str(cache_dir)).expanduser()
     if path.is_absolute():
         return path
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.utils import get_original_cwd
-
-        if HydraConfig.initialized():
-            return Path(get_original_cwd()) / path
-    except (ImportError, ValueError):
-        pass
-    return path.resolve()
+    return Path(get_original_cwd()) / path if HydraConfig.initialized() else path.resolve()

@@ -8,7 +8,10 @@ tokenizer and cache code (``clean_story`` included).
 """
 
 import hashlib
+import json
 import re
+from functools import cached_property
+from itertools import groupby
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -37,34 +40,16 @@ def clean_story(text: str) -> str:
     return text.replace("\r\n", "\n").strip()
 
 
-def _hash_files(files: dict[str, list[Path]]) -> str:
-    """SHA-256 over split names, file names and contents."""
-    h = hashlib.sha256()
-    for split in SPLITS:
-        for f in files[split]:
-            h.update(f"{split}:{f.name}:{f.stat().st_size}\n".encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 def read_story_file(path: str | Path) -> list[str]:
     """Stories of a TinyStories text file: the text between lines that read exactly ``EOT``."""
-    stories, lines = [], []
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip() == EOT:
-                stories.append("".join(lines))
-                lines = []
-            else:
-                lines.append(line)
-    stories.append("".join(lines))  # text after the last separator (usually empty)
-    return [s for s in stories if s.strip()]
+        runs = groupby(fh, key=lambda line: line.strip() == EOT)  # separator lines, story lines, ...
+        stories = ("".join(lines) for separator, lines in runs if not separator)
+        return [s for s in stories if s.strip()]
 
 
-def _story_rows(paths: list[str], fingerprint: str):
-    """Rows for ``Dataset.from_generator``; ``fingerprint`` only keys its cache to the content."""
+def _story_rows(paths: list[str]):
+    """Rows for ``Dataset.from_generator`` (its cache is the fresh work dir, so content needs no key)."""
     for p in paths:
         for story in read_story_file(p):
             yield {"text": story}
@@ -85,12 +70,7 @@ class SyntheticSource:
 
     def fingerprint(self) -> str:
         """Hash of the generated text itself, so a change to the generator rebuilds the cache."""
-        h = hashlib.sha256()
-        for split, stories in self._stories().items():
-            h.update(split.encode())
-            for s in stories:
-                h.update(s.encode() + b"\0")
-        return h.hexdigest()
+        return hashlib.sha256(json.dumps(self._stories()).encode()).hexdigest()
 
     def load(self, work_dir: Path) -> DatasetDict:
         """The stories as a ``DatasetDict`` (small enough to keep in memory)."""
@@ -112,19 +92,23 @@ class LocalSource:
         self.describe = f"TinyStories (local copy {root}, {self.format})"
 
     def fingerprint(self) -> str:
-        """Hash of the files' contents."""
-        return _hash_files(self.files)
+        """SHA-256 over split names, file names, sizes and contents."""
+        h = hashlib.sha256()
+        for split in SPLITS:
+            for f in self.files[split]:
+                h.update(f"{split}:{f.name}:{f.stat().st_size}\n".encode())
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 24):
+                        h.update(chunk)
+        return h.hexdigest()
 
     def load(self, work_dir: Path) -> DatasetDict:
         """Parse the files into a ``DatasetDict`` (Arrow files under ``work_dir``)."""
         files = {s: [str(f) for f in self.files[s]] for s in SPLITS}
         if self.format == "text":
-            fp = self.fingerprint()
             return DatasetDict({
-                s: Dataset.from_generator(
-                    _story_rows, cache_dir=str(work_dir), split=s,
-                    gen_kwargs={"paths": files[s], "fingerprint": fp},
-                )
+                s: Dataset.from_generator(_story_rows, cache_dir=str(work_dir), split=s,
+                                          gen_kwargs={"paths": files[s]})
                 for s in SPLITS
             })
         ds = load_dataset(self.format, data_files=files, cache_dir=str(work_dir))
@@ -183,30 +167,25 @@ class HubSource:
     key = "tinystories-hub"
     describe = f"TinyStories (Hugging Face {HUB_ID})"
 
-    def __init__(self) -> None:
-        self._ds: DatasetDict | None = None
-
-    def _load(self) -> DatasetDict:
-        if self._ds is None:
-            try:
-                ds = load_dataset(HUB_ID)
-            except Exception as e:  # noqa: BLE001 - each datasets version raises its own type offline
-                raise DataUnavailableError(
-                    f"cannot load {HUB_ID} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-                    f"Point data.path=DIR at a local copy ({RECOGNISED}), or train on the offline "
-                    "corpus with data=synthetic."
-                ) from e
-            self._ds = DatasetDict({s: ds[s].select_columns(["text"]) for s in SPLITS})
-        return self._ds
+    @cached_property
+    def _ds(self) -> DatasetDict:
+        try:
+            ds = load_dataset(HUB_ID)
+        except Exception as e:  # noqa: BLE001 - each datasets version raises its own type offline
+            raise DataUnavailableError(
+                f"cannot load {HUB_ID} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                f"Point data.path=DIR at a local copy ({RECOGNISED}), or train on the offline "
+                "corpus with data=synthetic."
+            ) from e
+        return DatasetDict({s: ds[s].select_columns(["text"]) for s in SPLITS})
 
     def fingerprint(self) -> str:
         """The ``datasets`` fingerprints of both splits (they follow the cached revision)."""
-        ds = self._load()
-        return "+".join(ds[s]._fingerprint for s in SPLITS)
+        return "+".join(self._ds[s]._fingerprint for s in SPLITS)
 
     def load(self, work_dir: Path) -> DatasetDict:
         """The cached Hub data set."""
-        return self._load()
+        return self._ds
 
 
 def make_source(source: str, path: str | None, n_stories: int, corpus_seed: int):

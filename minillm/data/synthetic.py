@@ -1,12 +1,9 @@
 """A deterministic corpus of short children's stories, generated offline from a templated grammar.
 
-Each story picks a hero and a friend (names, kinds, traits), a place, a treasured object and one of
-several plots (a lost object, a quarrel over sharing, a first try at something scary, helping an
-animal, a surprise, a storm, a contest). Plots are chains of sentence slots with several phrasings
-each, dialogue included, and every story closes with a feeling and often a lesson. Enough variety
+Varied enough (characters, places, objects, ``PLOTS`` with several phrasings per sentence, dialogue)
 that a ~1M-parameter model learns agreement (he/she/it), who-said-what and plot order in a few CPU
-minutes; fully reproducible from ``(n_stories, seed)`` because all randomness comes from one
-``random.Random`` seeded with a string (hashed with SHA-512, independent of PYTHONHASHSEED).
+minutes. All randomness comes from one ``random.Random`` seeded with a string (hashed with SHA-512,
+independent of PYTHONHASHSEED), so the corpus is a pure function of ``(n_stories, seed, split)``.
 """
 
 import random

@@ -6,7 +6,7 @@ trainer starts from that whole alphabet, so every Unicode string is encodable wi
 """
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -22,43 +22,22 @@ def check_vocab_size(vocab_size: int) -> None:
     check_int(vocab_size, "data.vocab_size", MIN_VOCAB, MAX_VOCAB, f" (256 byte tokens + {EOT})")
 
 
-def _empty_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 def train_tokenizer(
     texts: Iterable[list[str]] | Iterable[str], vocab_size: int, show_progress: bool = False
 ) -> Tokenizer:
-    """Train a byte-level BPE of at most ``vocab_size`` tokens on ``texts`` (strings or batches).
-
-    A small corpus may stop with fewer tokens than ``vocab_size`` (no pair left to merge); ids stay
-    below ``vocab_size`` either way, so the model's embedding table still fits.
-    """
+    """A byte-level BPE of at most ``vocab_size`` tokens (fewer if merges run out: docs/data.md)."""
     check_vocab_size(vocab_size)
-    tok = _empty_tokenizer()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tok.train_from_iterator(_batches(texts), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)  # streams strings or lists of them
     return tok
-
-
-def _batches(texts: Iterable[list[str]] | Iterable[str], size: int = 1000) -> Iterator[list[str]]:
-    """Regroup strings (or batches of strings) into lists, so training streams without copying all."""
-    buf: list[str] = []
-    for item in texts:
-        buf.extend([item] if isinstance(item, str) else item)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
 
 
 def load_tokenizer(json_str: str) -> Tokenizer:
