@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from minillm.checkpoint import checkpoint_model, read_checkpoint
 from minillm.data import EOT, load_tokenizer
 from minillm.evaluation.loading import pick_device
+from minillm.evaluation.output import save_figure, subplots
 from minillm.evaluation.sample import prompt_text
 from minillm.model import Transformer
 
@@ -40,14 +41,13 @@ def attention_maps(model: Transformer, ids: list[int]) -> np.ndarray:
 
 def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -> None:
     """One layer's heads (H, T, T) as a grid of heat maps, query tokens down, key tokens across."""
-    import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
 
     n_heads, t = weights.shape[0], weights.shape[-1]
     cols = min(n_heads, 4)
     rows = math.ceil(n_heads / cols)
     size = max(3.0, 0.22 * t + 1.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
     for h, ax in enumerate(axes.flat):
         if h >= n_heads:
             ax.axis("off")
@@ -57,9 +57,7 @@ def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -
         ax.set_xticks(range(t), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(t), labels, fontsize=7)
     fig.suptitle(f"Attention weights, layer {layer} (row: query token, column: key token)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -86,9 +84,6 @@ def attention(cfg: DictConfig) -> dict[str, Any]:
     labels = token_labels(tokenizer, ids)
     folder = Path(cfg.get("out_dir") or Path(cfg.ckpt_path).parent / "attention")
     folder.mkdir(parents=True, exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
     files = []
     for layer, layer_weights in enumerate(weights):
         path = folder / f"layer{layer}.png"

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from minillm.checkpoint import checkpoint_model, read_checkpoint, unpack_checkpoint
 from minillm.config import check_int
 from minillm.evaluation.loading import checkpoint_datamodule, pick_device
+from minillm.evaluation.output import markdown_table, save_figure, subplots
 from minillm.model import Transformer
 from minillm.model.position import RoPE
 from minillm.model.transformer import token_cross_entropy
@@ -108,20 +109,31 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table: one row per length (loss, bpb, or where the scheme stops)."""
-    lines = ["| factor | length | val loss | val bpb |", "|---|---|---|---|"]
-    for k, length, loss, bpb in zip(result["factors"], result["lengths"], result["val_loss"],
-                                    result["val_bpb"]):
-        cells = ("n/a", "n/a") if loss is None else (f"{loss:.4f}", f"{bpb:.4f}")
-        lines.append(f"| {k}x | {length} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+    rows = [[f"{k}x", str(length), *(("n/a", "n/a") if loss is None else (f"{loss:.4f}", f"{bpb:.4f}"))]
+            for k, length, loss, bpb in zip(result["factors"], result["lengths"], result["val_loss"],
+                                            result["val_bpb"])]
+    return markdown_table(["factor", "length", "val loss", "val bpb"], rows)
+
+
+def plot_extrapolation(lines: dict[str, list[tuple[int, float | None, float]]], factors: list[int],
+                       path: Path) -> None:
+    """Validation loss against length / training context, a line per label through (factor, mean, std)."""
+    fig, ax = subplots(figsize=(6, 4))
+    for i, (label, points) in enumerate(lines.items()):
+        points = [p for p in points if p[1] is not None]
+        if points:
+            ax.errorbar(*zip(*points), marker="o", capsize=3, color=f"C{i % 10}", label=label)
+    ax.axvline(1, color="grey", linestyle=":", label="training context")
+    ax.set(xscale="log", xlabel="evaluation length / training context", title="Length extrapolation",
+           ylabel="validation loss (nats/token)")
+    ax.set_xticks(factors, [f"{k}x" for k in factors])
+    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def _write(result: dict[str, Any], folder: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scaling = result["rope_scaling"]
     stem = "extrapolation" + ("" if scaling == "none" else f"_{scaling}")
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -132,18 +144,9 @@ def _write(result: dict[str, Any], folder: Path) -> list[str]:
     if result["note"]:
         text += f"\n{result['note']}.\n"
     (folder / f"{stem}.md").write_text(text)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    points = [(x, y) for x, y in zip(result["lengths"], result["val_loss"]) if y is not None]
-    ax.plot(*zip(*points), marker="o", label=title)
-    ax.axvline(result["train_len"], color="grey", linestyle=":", label="training context")
-    ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="validation loss (nats/token)",
-           title="Length extrapolation")
-    ax.set_xticks(result["lengths"], [str(x) for x in result["lengths"]])
-    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / f"{stem}.png", dpi=120)
-    plt.close(fig)
+    label = f"{title}, trained at {result['train_len']} tokens"
+    points = [(k, loss, 0.0) for k, loss in zip(result["factors"], result["val_loss"])]
+    plot_extrapolation({label: points}, result["factors"], folder / f"{stem}.png")
     return [str(folder / f"{stem}.{ext}") for ext in ("json", "md", "png")]
 
 

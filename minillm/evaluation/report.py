@@ -17,8 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from minillm.evaluation.extrapolate import check_options, extrapolate
+from minillm.evaluation.extrapolate import check_options, extrapolate, plot_extrapolation
 from minillm.evaluation.members import Member, read_sweep, swept_keys
+from minillm.evaluation.output import markdown_table, save_figure, subplots
 
 STATS = ("val_loss", "val_ppl", "val_bpb", "tokens_per_sec", "peak_memory_mb")  # mean and std over seeds
 SIZES = ("tokens", "params", "active_params", "flops_per_token")  # the same for every seed
@@ -91,11 +92,6 @@ def _pm(row: dict[str, Any], metric: str, digits: int = 4) -> str:
     return _fmt(mean, digits) if not std else f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rows as CSV, columns in first-seen order; None as an empty cell."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -109,20 +105,9 @@ def _label(values: tuple[str, ...]) -> str:
     return ", ".join(values) if values else "all runs"
 
 
-def save_figure(fig, path: Path) -> None:
-    """Write ``fig`` to ``path`` (PNG, 120 dpi) and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_curves(groups: dict[tuple[str, ...], list[Member]], keys: list[str], path: Path) -> None:
     """Validation loss against tokens, one line per member, one colour per group."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for i, (values, members) in enumerate(groups.items()):
         for j, m in enumerate(members):
             points = [(h["tokens"], h["val_loss"]) for h in m.history
@@ -141,12 +126,10 @@ def plot_curves(groups: dict[tuple[str, ...], list[Member]], keys: list[str], pa
 
 def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     """Final bits per byte per group: mean over ok seeds, std as error bars; no bar where none is ok."""
-    import matplotlib.pyplot as plt
-
     labels = [_label(tuple(r[k] for k in keys)) for r in rows]
     means = [r["val_bpb_mean"] if r["val_bpb_mean"] is not None else 0.0 for r in rows]
     stds = [r["val_bpb_std"] or 0.0 for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 2), 4))
+    fig, ax = subplots(figsize=(max(4, 1.1 * len(rows) + 2), 4))
     bars = ax.bar(range(len(rows)), means, yerr=stds, capsize=4,
                   color=[f"C{i % 10}" for i in range(len(rows))])
     for bar, row in zip(bars, rows):
@@ -188,26 +171,6 @@ def extrapolation_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[s
     return rows, notes
 
 
-def plot_extrapolation(rows: list[dict[str, Any]], keys: list[str], factors: list[int], path: Path) -> None:
-    """Validation loss against evaluation length (x the training context), one line per group."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, row in enumerate(rows):
-        points = [(k, row[f"loss_{k}x_mean"], row[f"loss_{k}x_std"]) for k in factors
-                  if row[f"loss_{k}x_mean"] is not None]
-        ax.errorbar(*zip(*points), marker="o", capsize=3, color=f"C{i % 10}",
-                    label=_label(tuple(row[k] for k in keys)))
-    ax.axvline(1, color="grey", linestyle=":", label="training context")
-    ax.set(xscale="log", xlabel="evaluation length / training context", title="Length extrapolation",
-           ylabel="validation loss (nats/token)")
-    ax.set_xticks(factors, [f"{k}x" for k in factors])
-    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-
-
 def extrapolation_markdown(rows: list[dict[str, Any]], notes: list[str], keys: list[str],
                            factors: list[int], rope_scaling: str) -> str:
     """The report's length-extrapolation section."""
@@ -219,16 +182,13 @@ def extrapolation_markdown(rows: list[dict[str, Any]], notes: list[str], keys: l
     return (f"## Length extrapolation\n\nValidation loss (nats/token) at multiples of the training "
             f"context, on the same {rows[0]['tokens']:,} validation tokens at every length "
             f"(checkpoints/last.ckpt of each ok member, mean ± std over seeds).{scaling} n/a: the "
-            f"position scheme cannot encode that length.\n\n{_markdown_table(header, body)}\n\n"
+            f"position scheme cannot encode that length.\n\n{markdown_table(header, body)}\n\n"
             + "".join(f"- {note}\n" for note in notes) + "\n![extrapolation](extrapolation.png)\n")
 
 
 def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, factors: Any = (1, 2, 4, 8),
                  n_tokens: int = 16384, rope_scaling: str = "none", device: str = "auto") -> dict[str, Any]:
     """Write the report files into ``sweep_dir``; return the group rows, member rows and file paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     factors = check_options(factors, n_tokens, rope_scaling)
     folder = Path(sweep_dir)
     members = read_sweep(folder)
@@ -247,7 +207,9 @@ def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, facto
         extra_rows, notes = extrapolation_rows(groups, keys, factors, n_tokens, rope_scaling, device)
         if extra_rows:
             write_csv(folder / "extrapolation.csv", extra_rows)
-            plot_extrapolation(extra_rows, keys, factors, folder / "extrapolation.png")
+            lines = {_label(tuple(r[k] for k in keys)): [(f, r[f"loss_{f}x_mean"], r[f"loss_{f}x_std"])
+                                                         for f in factors] for r in extra_rows}
+            plot_extrapolation(lines, factors, folder / "extrapolation.png")
             extra_text = extrapolation_markdown(extra_rows, notes, keys, factors, rope_scaling)
             files += [str(folder / "extrapolation.csv"), str(folder / "extrapolation.png")]
     (folder / "report.md").write_text(_markdown(folder, members, keys, rows, runs) + extra_text)
@@ -278,8 +240,8 @@ def _markdown(folder: Path, members: list[Member], keys: list[str], rows: list[d
             "FLOPs/token counts forward + backward (6N + 12 L H D T, active parameters). "
             "tokens/s is the median training throughput, peak MiB the peak memory (CUDA allocated, "
             "or on CPU the process's peak RSS, which later members of a one-process sweep inherit).\n\n"
-            f"{_markdown_table(header, body)}\n\n![validation loss](val_loss.png)\n\n"
-            f"![bits per byte](bpb.png)\n\n## Runs\n\n{_markdown_table(member_header, member_body)}\n\n")
+            f"{markdown_table(header, body)}\n\n![validation loss](val_loss.png)\n\n"
+            f"![bits per byte](bpb.png)\n\n## Runs\n\n{markdown_table(member_header, member_body)}\n\n")
 
 
 def report(cfg: DictConfig) -> dict[str, Any]:
