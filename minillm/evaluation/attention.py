@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from minillm.checkpoint import checkpoint_model, read_checkpoint
+from minillm.checkpoint import checkpoint_model
 from minillm.data import EOT, load_tokenizer
-from minillm.evaluation.loading import pick_device
+from minillm.evaluation.loading import read
 from minillm.evaluation.output import save_figure, subplots
 from minillm.evaluation.sample import prompt_text
 from minillm.model import Transformer
@@ -67,12 +67,8 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
 
 def attention(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py ckpt_path=PATH mode=attention prompt="..."``: PNGs per layer, weights."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path is required, e.g. python eval.py mode=attention "
-                         "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt prompt=\"The cat sat\"")
     prompt = prompt_text(cfg)
-    device = pick_device(cfg.get("device", "auto"))
-    checkpoint = read_checkpoint(cfg.ckpt_path, device)
+    checkpoint, device = read(cfg)
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
     ids = [tokenizer.token_to_id(EOT)] + tokenizer.encode(prompt).ids
     model = math_model(checkpoint, device)

@@ -9,18 +9,16 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from minillm.evaluation.loading import load
+from minillm.evaluation.loading import load, required
 from minillm.interop import export_hf, hf_family
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export ``cfg.ckpt_path`` to ``cfg.out``; return ``{"out": DIR, "architecture": NAME}``."""
-    if not cfg.get("out"):
-        raise ValueError("out is required with mode=export, e.g. "
-                         "python eval.py ckpt_path=PATH mode=export out=hf_model")
+    out = required(cfg, "out", "ckpt_path=PATH out=hf_model")
     (model, tokenizer, _), _ = load(cfg)
     architecture = hf_family(model).architecture
-    folder = export_hf(model, cfg.out, tokenizer)
+    folder = export_hf(model, out, tokenizer)
     print(f"wrote {architecture} to {folder}: load it with "
           f"AutoModelForCausalLM.from_pretrained({str(folder)!r})")
     return {"out": str(folder), "architecture": architecture}

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from minillm.checkpoint import checkpoint_model, read_checkpoint, unpack_checkpoint
 from minillm.config import check_int
-from minillm.evaluation.loading import checkpoint_datamodule, pick_device
+from minillm.evaluation.loading import checkpoint_datamodule, pick_device, required
 from minillm.evaluation.output import markdown_table, save_figure, subplots
 from minillm.model import Transformer
 from minillm.model.position import RoPE
@@ -152,10 +152,8 @@ def _write(result: dict[str, Any], folder: Path) -> list[str]:
 
 def extrapolate_mode(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py ckpt_path=PATH mode=extrapolate [rope_scaling=linear|ntk]``."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path is required, e.g. python eval.py mode=extrapolate "
-                         "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt")
-    result = extrapolate(cfg.ckpt_path, cfg.factors, cfg.extrapolate_tokens, cfg.rope_scaling, cfg.device)
+    result = extrapolate(required(cfg, "ckpt_path"), cfg.factors, cfg.extrapolate_tokens, cfg.rope_scaling,
+                         cfg.device)
     print(f"{result['ckpt_path']}: trained at {result['train_len']} tokens, {result['tokens']:,} "
           f"validation tokens per length\n{table(result)}")
     if result["note"]:

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from minillm.evaluation.extrapolate import check_options, extrapolate, plot_extrapolation
+from minillm.evaluation.loading import required
 from minillm.evaluation.members import Member, read_sweep, swept_keys
 from minillm.evaluation.output import markdown_table, save_figure, subplots
 
@@ -246,11 +247,9 @@ def _markdown(folder: Path, members: list[Member], keys: list[str], rows: list[d
 
 def report(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py mode=report sweep_dir=DIR [extrapolate=true] [rope_scaling=linear]``."""
-    if not cfg.get("sweep_dir"):
-        raise ValueError("sweep_dir is required, e.g. python eval.py mode=report "
-                         "sweep_dir=multirun/ablate_position_DATE_TIME")
-    result = build_report(cfg.sweep_dir, cfg.get("extrapolate"), cfg.factors, cfg.extrapolate_tokens,
+    sweep_dir = required(cfg, "sweep_dir", "sweep_dir=multirun/ablate_position_DATE_TIME")
+    result = build_report(sweep_dir, cfg.get("extrapolate"), cfg.factors, cfg.extrapolate_tokens,
                           cfg.rope_scaling, cfg.device)
-    print((Path(cfg.sweep_dir) / "report.md").read_text().split("![validation loss]")[0])
+    print((Path(sweep_dir) / "report.md").read_text().split("![validation loss]")[0])
     print("written: " + ", ".join(result["files"]))
     return result
