@@ -13,36 +13,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from minillm.checkpoint import checkpoint_model, read_checkpoint, unpack_checkpoint
 from minillm.config import check_int
+from minillm.data.datamodule import ValBatches
 from minillm.evaluation.loading import checkpoint_datamodule, pick_device, required
+from minillm.evaluation.loss import validation_nll
 from minillm.evaluation.output import markdown_table, save_figure, subplots
-from minillm.model import Transformer
 from minillm.model.position import RoPE
-from minillm.model.transformer import token_cross_entropy
 
 SCALINGS = ("none", "linear", "ntk")
-
-
-@torch.no_grad()
-def windows_loss(model: Transformer, tokens: np.ndarray, length: int, batch_tokens: int = 16384) -> float:
-    """Mean next-token loss (nats) over non-overlapping windows of ``length`` targets in ``tokens``
-    (``len(tokens) - 1`` must be a multiple of ``length``)."""
-    device = next(model.parameters()).device
-    n_windows = (len(tokens) - 1) // length
-    per_batch = max(1, batch_tokens // length)
-    total = 0.0
-    for start in range(0, n_windows, per_batch):
-        rows = range(start, min(start + per_batch, n_windows))
-        idx = np.array(rows)[:, None] * length + np.arange(length + 1)  # (B, length + 1)
-        window = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
-        logits = model(window[:, :-1])  # (B, length, V)
-        total += token_cross_entropy(logits, window[:, 1:], reduction="sum").item()
-    return total / (n_windows * length)
 
 
 def check_options(factors: Any, n_tokens: Any, rope_scaling: str) -> list[int]:
@@ -70,24 +51,27 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
                          f"{type(model.position).__name__}, not RoPE; use rope_scaling=none")
     datamodule = checkpoint_datamodule(cfg)
     train_len = int(cfg.data.seq_len)
-    tokens = np.memmap(datamodule.folder / "validation.bin", dtype=datamodule.manifest["dtype"], mode="r")
+    n_val = datamodule.manifest["splits"]["validation"]["tokens"]
     span = train_len * max(factors)
-    n = min(n_tokens, len(tokens) - 1) // span * span  # same N targets at every length
+    n = min(n_tokens, n_val - 1) // span * span  # same N targets at every length
     if n == 0:
-        raise ValueError(f"extrapolate_tokens={n_tokens}: the validation split has {len(tokens)} tokens, "
+        raise ValueError(f"extrapolate_tokens={n_tokens}: the validation split has {n_val} tokens, "
                          f"fewer than one window of {span} (max factor x {train_len}) + 1")
     limit = model.position.max_len
-    losses: dict[int, float | None] = {}
+    losses: dict[int, float | None] = dict.fromkeys(factors)  # None: longer than the scheme encodes
     for k in factors:
-        if limit is not None and train_len * k > limit:
-            losses[k] = None
+        length = train_len * k
+        if limit is not None and length > limit:
             continue
         scaled = model if rope_scaling == "none" or k == 1 else checkpoint_model(
             checkpoint, device, position={"scaling": rope_scaling, "factor": float(k)})
-        losses[k] = windows_loss(scaled, tokens[: n + 1], train_len * k)
-    reached = [k for k in factors if losses[k] is not None]
-    stop = (f"{type(model.position).__name__} encodes at most {limit} positions: stops at "
-            f"{max(reached) if reached else 0}x" if len(reached) < len(factors) else "")
+        windows = ValBatches(str(datamodule.folder / "validation.bin"), datamodule.manifest["dtype"],
+                             length, max(1, 16384 // length), 0, n // length)  # ~16k tokens a batch
+        nll, n_targets, _ = validation_nll(scaled, windows, device, model.vocab_size)
+        losses[k] = nll / n_targets
+    stops_at = max((k for k in factors if losses[k] is not None), default=None)
+    note = (f"{type(model.position).__name__} encodes at most {limit} positions: stops at {stops_at or 0}x"
+            if None in losses.values() else "")
     result = {
         "ckpt_path": str(ckpt_path),
         "position": type(model.position).__name__,
@@ -99,8 +83,8 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
         "val_loss": [losses[k] for k in factors],
         "val_bpb": [None if losses[k] is None else losses[k] / math.log(2) / datamodule.bytes_per_token
                     for k in factors],
-        "stops_at": max(reached) if reached else None,
-        "note": stop,
+        "stops_at": stops_at,
+        "note": note,
     }
     if write:
         result["files"] = _write(result, Path(ckpt_path).parent)
