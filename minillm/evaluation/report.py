@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from minillm.evaluation.extrapolate import check_options, extrapolate, plot_extrapolation
 from minillm.evaluation.loading import required
-from minillm.evaluation.members import Member, read_sweep, swept_keys
+from minillm.evaluation.members import STATUSES, Member, read_sweep, swept_keys
 from minillm.evaluation.output import markdown_table, save_figure, subplots
 
 STATS = ("val_loss", "val_ppl", "val_bpb", "tokens_per_sec", "peak_memory_mb")  # mean and std over seeds
@@ -41,11 +41,10 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _status(members: list[Member]) -> str:
+def _counts(members: list[Member]) -> str:
+    """Members per status, in ``STATUSES`` order: ``ok 2, failed 1``."""
     counts = Counter(m.status for m in members)
-    if len(counts) == 1:
-        return members[0].status
-    return ", ".join(f"{s} {counts[s]}" for s in ("ok", "unfinished", "failed", "diverged") if counts[s])
+    return ", ".join(f"{s} {counts[s]}" for s in STATUSES if counts[s])
 
 
 def group_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str]) -> list[dict[str, Any]]:
@@ -54,7 +53,8 @@ def group_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str]) -> 
     for values, members in groups.items():
         ok = [m for m in members if m.status == "ok"]
         row: dict[str, Any] = dict(zip(keys, values))
-        row.update(status=_status(members), runs=len(members), ok=len(ok),
+        status = _counts(members) if len({m.status for m in members}) > 1 else members[0].status
+        row.update(status=status, runs=len(members), ok=len(ok),
                    seeds=" ".join(str(m.seed) for m in members))
         summaries = [m.summary() for m in ok]
         for metric in SIZES:  # from the ok members; sizes from any member, so failed rows show them
@@ -233,10 +233,8 @@ def _markdown(folder: Path, members: list[Member], keys: list[str], rows: list[d
     member_body = [[r["run"]] + [str(r[k]) for k in keys] + [
         str(r["seed"]), r["status"], _fmt(r["val_loss"]), _fmt(r["val_bpb"]), _fmt(r["tokens"]), r["note"]]
         for r in runs]
-    counts = Counter(m.status for m in members)
-    return (f"# Sweep report: {folder.name}\n\n{len(members)} runs ("
-            + ", ".join(f"{counts[s]} {s}" for s in ("ok", "unfinished", "failed", "diverged") if counts[s])
-            + f"), swept over {', '.join(f'`{k}`' for k in keys) or 'nothing but the seed'}. {budget} "
+    return (f"# Sweep report: {folder.name}\n\n{len(members)} runs ({_counts(members)}), swept over "
+            f"{', '.join(f'`{k}`' for k in keys) or 'nothing but the seed'}. {budget} "
             "Figures are the mean ± std over each setting's ok seeds, at the last validation; "
             "FLOPs/token counts forward + backward (6N + 12 L H D T, active parameters). "
             "tokens/s is the median training throughput, peak MiB the peak memory (CUDA allocated, "
