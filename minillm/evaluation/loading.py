@@ -41,14 +41,12 @@ def load(cfg: DictConfig) -> tuple[LoadedCheckpoint, dict[str, Any]]:
     return unpack_checkpoint(checkpoint, device), checkpoint
 
 
-def checkpoint_datamodule(run_cfg: DictConfig, **overrides: Any):
-    """The run's datamodule, set up for evaluation; ``None`` overrides keep the run's value."""
-    data_cfg = run_cfg.data.copy()
-    for key, value in overrides.items():
-        if value is not None:
-            data_cfg[key] = value
-    if data_cfg.get("document_mask"):  # evaluation calls the model on whole windows: (x, y) batches
-        data_cfg.document_mask = False
-    datamodule = instantiate(data_cfg)
+def checkpoint_datamodule(run_cfg: DictConfig, cfg: DictConfig | None = None):
+    """The run's datamodule, set up for evaluation; the mode's ``batch_size``, ``val_tokens`` and
+    ``num_workers`` replace the run's where ``cfg`` sets them."""
+    overrides = {k: cfg.get(k) for k in ("batch_size", "val_tokens", "num_workers")} if cfg else {}
+    # document_mask off: evaluation calls the model on whole windows, (x, y) batches
+    datamodule = instantiate(run_cfg.data, **{k: v for k, v in overrides.items() if v is not None},
+                             document_mask=False)
     datamodule.setup("validate")
     return datamodule

@@ -47,9 +47,7 @@ def unigram_log_probs(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24)
 def evaluate_loss(cfg: DictConfig) -> dict[str, Any]:
     """Print and write ``eval.json`` beside the checkpoint: val loss, ppl, bpb, unigram bpb."""
     (model, tokenizer, run_cfg), checkpoint = load(cfg)
-    datamodule = checkpoint_datamodule(run_cfg, batch_size=cfg.get("batch_size"),
-                                       val_tokens=cfg.get("val_tokens"),
-                                       num_workers=cfg.get("num_workers"))
+    datamodule = checkpoint_datamodule(run_cfg, cfg)
     device = next(model.parameters()).device
     vocab_size = max(model.vocab_size, tokenizer.get_vocab_size())
     nll, n_tokens, target_counts = validation_nll(model, datamodule.val_dataloader(), device, vocab_size)
