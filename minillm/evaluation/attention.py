@@ -80,12 +80,10 @@ def attention(cfg: DictConfig) -> dict[str, Any]:
     labels = token_labels(tokenizer, ids)
     folder = Path(cfg.get("out_dir") or Path(cfg.ckpt_path).parent / "attention")
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
     for layer, layer_weights in enumerate(weights):
-        path = folder / f"layer{layer}.png"
-        plot_layer(layer_weights, labels, layer, path)
-        files.append(str(path))
+        plot_layer(layer_weights, labels, layer, folder / f"layer{layer}.png")
     np.savez(folder / "weights.npz", weights=weights, tokens=np.array(labels))
+    files = [str(folder / f"layer{layer}.png") for layer in range(len(weights))]
     files.append(str(folder / "weights.npz"))
     print(f"{len(ids)} tokens, {weights.shape[0]} layers x {weights.shape[1]} heads\n"
           f"written: {', '.join(files)}")

@@ -58,8 +58,13 @@ def prepare(args: list[str], configs: Path) -> list[str]:
             _refuse_split_words(args[i], args[i + 1:])
             if not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):  # not yet quoted
                 out[i] = f"{plus}{key}={hydra_quote(value)}"
-        elif not plus and mode in settings:  # not a -m sweep over modes
-            _refuse_other_modes_setting(key.split(".")[0], mode, settings, shared)
+        elif not plus and mode in settings:  # not a -m sweep over modes: another mode's setting?
+            top = key.split(".")[0]
+            owners = [f"mode={m}" for m, keys in settings.items() if top in keys]
+            if owners and top not in shared | settings[mode]:
+                raise OverrideParseException(top, (
+                    f"{top} is a setting of {', '.join(owners)}, not of mode={mode}; "
+                    f"python eval.py mode={mode} --cfg job lists the settings of mode={mode}"))
     return out
 
 
@@ -72,12 +77,3 @@ def _refuse_split_words(arg: str, rest: list[str]) -> None:
             f"{arg.split('=')[0]}: the shell passed {' '.join(words)!r} as separate arguments after "
             f"{arg!r}; quote the whole setting for the shell: {shlex.quote(whole)}, or put the text in a "
             "file and pass prompt_file=PATH"))
-
-
-def _refuse_other_modes_setting(key: str, mode: str, settings: dict[str, set[str]],
-                                shared: set[str]) -> None:
-    owners = [f"mode={m}" for m, keys in settings.items() if key in keys]
-    if owners and key not in shared | settings[mode]:
-        raise OverrideParseException(key, (
-            f"{key} is a setting of {', '.join(owners)}, not of mode={mode}; "
-            f"python eval.py mode={mode} --cfg job lists the settings of mode={mode}"))

@@ -138,9 +138,6 @@ def extrapolate_mode(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py ckpt_path=PATH mode=extrapolate [rope_scaling=linear|ntk]``."""
     result = extrapolate(required(cfg, "ckpt_path"), cfg.factors, cfg.extrapolate_tokens, cfg.rope_scaling,
                          cfg.device)
-    print(f"{result['ckpt_path']}: trained at {result['train_len']} tokens, {result['tokens']:,} "
-          f"validation tokens per length\n{table(result)}")
-    if result["note"]:
-        print(result["note"])
+    print(Path(result["files"][1]).read_text())  # the .md written: header, table and note
     print(f"written: {', '.join(result['files'])}")
     return result

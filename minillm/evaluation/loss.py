@@ -25,14 +25,12 @@ def validation_nll(model: torch.nn.Module, dataloader, device: torch.device,
     """Summed next-token NLL (nats), token count and per-id counts of the targets, over ``dataloader``."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.zeros(vocab_size, dtype=torch.float64, device=device)
-    n = 0
     for x, y in dataloader:
         x, y = x.to(device), y.to(device)  # (B, T)
         logits = model(x)  # (B, T, V)
         total += token_cross_entropy(logits, y, reduction="sum").double()
         counts += torch.bincount(y.flatten(), minlength=vocab_size).double()
-        n += y.numel()
-    return total.item(), n, counts.cpu()
+    return total.item(), int(counts.sum().item()), counts.cpu()
 
 
 def unigram_log_probs(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> Tensor:

@@ -94,12 +94,12 @@ def _pm(row: dict[str, Any], metric: str, digits: int = 4) -> str:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV, columns in first-seen order; None as an empty cell."""
+    """Rows as CSV, columns in first-seen order; None (and a missing key) as an empty cell."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+        writer.writerows(rows)  # csv writes None as an empty string
 
 
 def _label(values: tuple[str, ...]) -> str:
@@ -138,10 +138,10 @@ def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
             ax.text(bar.get_x() + bar.get_width() / 2, 0.03, row["status"], ha="center", va="bottom",
                     rotation=90, fontsize=8, transform=ax.get_xaxis_transform())  # y in axes units
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
-    finite = [m - s for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None]
-    if finite:  # zoom in: the differences are small next to the absolute value
-        top = max(m + s for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None)
-        ax.set_ylim(max(0.0, min(finite) - 0.1 * (top - min(finite) + 1e-3)), top + 0.05 * (top + 1e-3))
+    shown = [(m - s, m + s) for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None]
+    if shown:  # zoom in: the differences are small next to the absolute value
+        low, top = min(lo for lo, _ in shown), max(hi for _, hi in shown)
+        ax.set_ylim(max(0.0, low - 0.1 * (top - low + 1e-3)), top + 0.05 * (top + 1e-3))
     ax.set(ylabel="validation bits per byte", title="Final bits per byte (mean ± std over seeds)")
     save_figure(fig, path)
 

@@ -6,7 +6,6 @@ saw in training, encodes (as bytes). A row stops at ``<|endoftext|>`` or after `
 beyond the context window the window slides (``minillm.generate``). The same seed gives the same text.
 """
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,6 @@ def prompt_text(cfg: DictConfig) -> str:
     return cfg.prompt
 
 
-def _check(cfg: DictConfig) -> str:
-    """Reject bad sampling settings before the checkpoint is read; return the prompt."""
-    check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
-    return prompt_text(cfg)
-
-
 class _Printer:
     """Streams one row's text to stdout, holding back bytes of a character not yet complete."""
 
@@ -58,7 +51,8 @@ class _Printer:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Print samples; return ``{"samples": [text, ...]}`` (prompt included, EOT excluded)."""
-    prompt = _check(cfg)
+    check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
+    prompt = prompt_text(cfg)  # both checked before the checkpoint is read
     (model, tokenizer, _), _ = load(cfg)
     streaming = bool(cfg.get("stream", False)) and cfg.num_samples == 1
     printer = None
@@ -72,5 +66,5 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         print()
     else:
         for i, text in enumerate(texts):
-            print(f"--- sample {i + 1}/{len(texts)} ---\n{text}", file=sys.stdout)
+            print(f"--- sample {i + 1}/{len(texts)} ---\n{text}")
     return {"samples": texts}
