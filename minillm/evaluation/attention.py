@@ -1,10 +1,7 @@
 """``mode=attention``: attention maps of a checkpoint on a prompt, one PNG grid per layer.
 
-The checkpoint's model is rebuilt with the ``math`` attention backend (the one that forms the
-softmax weights; the kernel is picked at construction) and the same weights, and every layer
-records its weights (B, H, T, T) during one forward pass. The prompt is encoded after
-``<|endoftext|>``, as every training story starts. Writes ``attention/layer<i>.png`` and
-``attention/weights.npz`` (weights (layers, H, T, T) and the token labels) beside the checkpoint.
+The model is rebuilt on the ``math`` backend, the one kernel that forms the softmax weights (the
+kernel is picked at construction). See docs/attention.md (Attention maps).
 """
 
 import math

@@ -4,8 +4,7 @@ Hydra parses the command line before any code of ours runs, and its override gra
 characters in an unquoted value: ``prompt=Tom, the cat!`` or ``prompt=猫`` end in a
 ``LexerNoViableAltException``. So eval.py passes its arguments through ``prepare`` first: the
 free-text values (``prompt``, ``prompt_file``) are quoted for Hydra, so any text inside one pair of
-shell quotes works; words the shell split off a prompt, an unknown mode and a setting of another
-mode are reported as one line that names the setting.
+shell quotes works.
 """
 
 import re

@@ -1,8 +1,5 @@
-"""``mode=experts``: expert-load heatmap of an MoE checkpoint on validation batches.
-
-Writes ``expert_load.png`` beside the checkpoint (layers x experts over ``expert_batches``
-validation batches, the figure ``MoEMonitor`` draws during training) and returns the mean
-load imbalance (max/mean tokens per expert) of each MoE layer.
+"""``mode=experts``: expert-load heatmap of an MoE checkpoint on validation batches, and each MoE
+layer's load imbalance (max/mean tokens per expert). See docs/moe.md (Observability).
 """
 
 import itertools

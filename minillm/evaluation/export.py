@@ -1,8 +1,6 @@
 """``mode=export``: write the checkpoint as a Hugging Face model folder at ``out=DIR``.
 
-Thin on purpose: ``minillm.interop.export_hf`` picks the transformers class from the model's parts
-(Llama, Mixtral or GPT-2), writes safetensors weights, config.json and the tokenizer files, or
-raises naming what blocks each class. See docs/interop.md.
+Thin on purpose: ``minillm.interop.export_hf`` does the work (docs/interop.md).
 """
 
 from typing import Any

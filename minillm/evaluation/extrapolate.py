@@ -1,11 +1,7 @@
 """``mode=extrapolate``: validation loss of a checkpoint at 1x, 2x, 4x, 8x its training context.
 
-Every length reads the same text: the first N tokens of the validation memmap (N a multiple of the
-longest length), cut into non-overlapping windows of L*k + 1 tokens, so each length predicts the
-same N targets. A scheme with a longest encodable sequence (``position.max_len``: the learned table)
-stops there, and the table says so. RoPE may opt into rescaling at evaluation time
-(``rope_scaling=linear`` position interpolation, or ``ntk``) with factor = eval length / train length.
-Writes ``extrapolation[_<scaling>].{json,md,png}`` beside the checkpoint.
+Every length reads the first N validation tokens, N a multiple of the longest length, so each length
+predicts the same N targets. See docs/sweeps.md (Length extrapolation).
 """
 
 import json

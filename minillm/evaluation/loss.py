@@ -1,8 +1,6 @@
 """``mode=loss``: validation loss, perplexity and bits per byte of a checkpoint, with a unigram
-baseline (fitted on the training tokens, add-one smoothing) scored on the same tokens.
-
-bits per byte = mean loss in nats per token / ln 2 / bytes_per_token (REFERENCE.md), where
-bytes_per_token is the datamodule's UTF-8 bytes per validation token.
+baseline (fitted on the training tokens, add-one smoothing) scored on the same tokens. Bits per
+byte as in training (``TokenDataModule.bytes_per_token``); see docs/training.md.
 """
 
 import json

@@ -1,12 +1,6 @@
-"""Read a sweep directory (``python train.py -m ...``) into one ``Member`` per run.
-
-Each run of a sweep leaves ``DIR/<n>/``: ``.hydra/overrides.yaml`` (what makes it a member),
-``config.yaml`` (resolved config with parameter counts), ``metrics.jsonl`` (one line per
-validation), ``status.json`` (``minillm.training.sweep.RunStatus``) and ``checkpoints/``.
-
-A member's status is ``diverged`` when any recorded loss is not finite, ``failed`` when its job
-raised (or it never validated), ``ok`` when its job completed (or, without ``status.json``, its
-history reached ``trainer.max_steps``), and ``unfinished`` otherwise (still running, or killed).
+"""Read a sweep directory (``python train.py -m ...``) into one ``Member`` per run; docs/sweeps.md
+lists the files each run writes (``.hydra/overrides.yaml`` makes a directory a member) and says
+when a member is ok, unfinished, failed or diverged.
 """
 
 import contextlib

@@ -1,11 +1,5 @@
-"""``mode=report``: collect a sweep directory into ``report.md``, ``report.csv``, ``members.csv`` and
-plots (``val_loss.png``: validation loss against tokens, every member; ``bpb.png``: final bits per
-byte per setting, mean and std over seeds).
-
-Members are grouped by their swept values without the seed; a group's figures are the mean and std
-over its ``ok`` members. Failed, unfinished and diverged members stay in the tables with their
-status. For a sweep over ``model/position`` (or with ``extrapolate=true``) every member with a
-checkpoint is also evaluated at 1x-8x its training context (``minillm.evaluation.extrapolate``).
+"""``mode=report``: a sweep directory's tables and plots, one row per setting (the swept values
+without the seed), figures as mean and std over its ``ok`` members. See docs/sweeps.md (The report).
 """
 
 import csv
@@ -154,8 +148,7 @@ def _uses_rope(member: Member) -> bool:
 def extrapolation_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str], factors: list[int],
                        n_tokens: int, rope_scaling: str,
                        device: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per group: mean and std over its ok members with a checkpoint of the validation loss at each
-    factor (None past what the scheme encodes), plus the training context; and the schemes' notes."""
+    """Per group, mean and std over its ok members with a checkpoint of the loss at each factor; notes."""
     rows, notes = [], []
     for values, members in groups.items():
         results = [extrapolate(m.checkpoint, factors, n_tokens, rope_scaling if _uses_rope(m) else "none",

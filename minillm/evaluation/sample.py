@@ -1,9 +1,6 @@
 """``mode=sample``: print ``num_samples`` continuations of ``prompt`` (or ``prompt_file``) from a checkpoint.
 
-The prompt is encoded after ``<|endoftext|>`` (every training story follows one), so an empty
-prompt starts a new story. The tokenizer is byte-level BPE: any text, including characters it never
-saw in training, encodes (as bytes). A row stops at ``<|endoftext|>`` or after ``max_new_tokens``;
-beyond the context window the window slides (``minillm.generate``). The same seed gives the same text.
+See docs/training.md (Evaluation and sampling).
 """
 
 from pathlib import Path
@@ -17,8 +14,7 @@ from minillm.generation import check_sampling, continuations
 
 
 def prompt_text(cfg: DictConfig) -> str:
-    """The prompt of ``mode=sample`` / ``mode=attention``: ``prompt_file``'s text (less one final
-    newline) when set, else ``prompt``; checked before the checkpoint is read."""
+    """The prompt: ``prompt_file``'s text (less one final newline) when set, else ``prompt``."""
     path = cfg.get("prompt_file")
     if path is not None:
         try:
