@@ -1,9 +1,8 @@
 """Evaluation modes of ``eval.py``: ``MODES`` maps a mode name to a function(cfg) -> dict.
 
-A mode is one module here, one entry below, and one file ``configs/mode/NAME.yaml`` (``# @package
-_global_``) that sets ``mode: NAME`` and the settings the mode reads, so ``python eval.py mode=NAME
---cfg job`` shows only those; ``ckpt_path`` and ``device`` are shared (``configs/eval.yaml``). A mode
-loads the checkpoint with ``minillm.evaluation.loading.load``.
+A mode is one module here, one entry below, and one ``configs/mode/NAME.yaml`` (``# @package
+_global_``) that sets ``mode: NAME`` and only the settings the mode reads (``ckpt_path`` and
+``device`` are shared: ``configs/eval.yaml``); it reads the checkpoint with ``loading.load``.
 """
 
 from typing import Any, Callable

@@ -1,10 +1,7 @@
 """``mode=attention``: attention maps of a checkpoint on a prompt, one PNG grid per layer.
 
-The checkpoint's model is rebuilt with the ``math`` attention backend (the one that forms the
-softmax weights; the kernel is picked at construction) and the same weights, and every layer
-records its weights (B, H, T, T) during one forward pass. The prompt is encoded after
-``<|endoftext|>``, as every training story starts. Writes ``attention/layer<i>.png`` and
-``attention/weights.npz`` (weights (layers, H, T, T) and the token labels) beside the checkpoint.
+The model is rebuilt on the ``math`` backend, the one kernel that forms the softmax weights (the
+kernel is picked at construction). See docs/attention.md (Attention maps).
 """
 
 import math
@@ -15,9 +12,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from minillm.checkpoint import checkpoint_model, read_checkpoint
+from minillm.checkpoint import checkpoint_model
 from minillm.data import EOT, load_tokenizer
-from minillm.evaluation.loading import pick_device
+from minillm.evaluation.loading import read
+from minillm.evaluation.output import save_figure, subplots
 from minillm.evaluation.sample import prompt_text
 from minillm.model import Transformer
 
@@ -40,14 +38,13 @@ def attention_maps(model: Transformer, ids: list[int]) -> np.ndarray:
 
 def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -> None:
     """One layer's heads (H, T, T) as a grid of heat maps, query tokens down, key tokens across."""
-    import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
 
     n_heads, t = weights.shape[0], weights.shape[-1]
     cols = min(n_heads, 4)
     rows = math.ceil(n_heads / cols)
     size = max(3.0, 0.22 * t + 1.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
     for h, ax in enumerate(axes.flat):
         if h >= n_heads:
             ax.axis("off")
@@ -57,9 +54,7 @@ def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -
         ax.set_xticks(range(t), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(t), labels, fontsize=7)
     fig.suptitle(f"Attention weights, layer {layer} (row: query token, column: key token)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -69,12 +64,8 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
 
 def attention(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py ckpt_path=PATH mode=attention prompt="..."``: PNGs per layer, weights."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path is required, e.g. python eval.py mode=attention "
-                         "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt prompt=\"The cat sat\"")
     prompt = prompt_text(cfg)
-    device = pick_device(cfg.get("device", "auto"))
-    checkpoint = read_checkpoint(cfg.ckpt_path, device)
+    checkpoint, device = read(cfg)
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
     ids = [tokenizer.token_to_id(EOT)] + tokenizer.encode(prompt).ids
     model = math_model(checkpoint, device)
@@ -86,15 +77,10 @@ def attention(cfg: DictConfig) -> dict[str, Any]:
     labels = token_labels(tokenizer, ids)
     folder = Path(cfg.get("out_dir") or Path(cfg.ckpt_path).parent / "attention")
     folder.mkdir(parents=True, exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    files = []
     for layer, layer_weights in enumerate(weights):
-        path = folder / f"layer{layer}.png"
-        plot_layer(layer_weights, labels, layer, path)
-        files.append(str(path))
+        plot_layer(layer_weights, labels, layer, folder / f"layer{layer}.png")
     np.savez(folder / "weights.npz", weights=weights, tokens=np.array(labels))
+    files = [str(folder / f"layer{layer}.png") for layer in range(len(weights))]
     files.append(str(folder / "weights.npz"))
     print(f"{len(ids)} tokens, {weights.shape[0]} layers x {weights.shape[1]} heads\n"
           f"written: {', '.join(files)}")

@@ -4,8 +4,7 @@ Hydra parses the command line before any code of ours runs, and its override gra
 characters in an unquoted value: ``prompt=Tom, the cat!`` or ``prompt=猫`` end in a
 ``LexerNoViableAltException``. So eval.py passes its arguments through ``prepare`` first: the
 free-text values (``prompt``, ``prompt_file``) are quoted for Hydra, so any text inside one pair of
-shell quotes works; words the shell split off a prompt, an unknown mode and a setting of another
-mode are reported as one line that names the setting.
+shell quotes works.
 """
 
 import re
@@ -58,8 +57,13 @@ def prepare(args: list[str], configs: Path) -> list[str]:
             _refuse_split_words(args[i], args[i + 1:])
             if not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):  # not yet quoted
                 out[i] = f"{plus}{key}={hydra_quote(value)}"
-        elif not plus and mode in settings:  # not a -m sweep over modes
-            _refuse_other_modes_setting(key.split(".")[0], mode, settings, shared)
+        elif not plus and mode in settings:  # not a -m sweep over modes: another mode's setting?
+            top = key.split(".")[0]
+            owners = [f"mode={m}" for m, keys in settings.items() if top in keys]
+            if owners and top not in shared | settings[mode]:
+                raise OverrideParseException(top, (
+                    f"{top} is a setting of {', '.join(owners)}, not of mode={mode}; "
+                    f"python eval.py mode={mode} --cfg job lists the settings of mode={mode}"))
     return out
 
 
@@ -72,12 +76,3 @@ def _refuse_split_words(arg: str, rest: list[str]) -> None:
             f"{arg.split('=')[0]}: the shell passed {' '.join(words)!r} as separate arguments after "
             f"{arg!r}; quote the whole setting for the shell: {shlex.quote(whole)}, or put the text in a "
             "file and pass prompt_file=PATH"))
-
-
-def _refuse_other_modes_setting(key: str, mode: str, settings: dict[str, set[str]],
-                                shared: set[str]) -> None:
-    owners = [f"mode={m}" for m, keys in settings.items() if key in keys]
-    if owners and key not in shared | settings[mode]:
-        raise OverrideParseException(key, (
-            f"{key} is a setting of {', '.join(owners)}, not of mode={mode}; "
-            f"python eval.py mode={mode} --cfg job lists the settings of mode={mode}"))

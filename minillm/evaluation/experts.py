@@ -1,8 +1,5 @@
-"""``mode=experts``: expert-load heatmap of an MoE checkpoint on validation batches.
-
-Writes ``expert_load.png`` beside the checkpoint (layers x experts over ``expert_batches``
-validation batches, the figure ``MoEMonitor`` draws during training) and returns the mean
-load imbalance (max/mean tokens per expert) of each MoE layer.
+"""``mode=experts``: expert-load heatmap of an MoE checkpoint on validation batches, and each MoE
+layer's load imbalance (max/mean tokens per expert). See docs/moe.md (Observability).
 """
 
 import itertools
@@ -21,8 +18,7 @@ def expert_load(cfg: DictConfig) -> dict[str, Any]:
     n_batches = cfg.get("expert_batches", 8)
     check_int(n_batches, "expert_batches")
     (model, _, run_cfg), checkpoint = load(cfg)
-    datamodule = checkpoint_datamodule(run_cfg, batch_size=cfg.get("batch_size"),
-                                       num_workers=cfg.get("num_workers"))
+    datamodule = checkpoint_datamodule(run_cfg, cfg)
     path = Path(cfg.ckpt_path).parent / "expert_load.png"
     batches = itertools.islice(datamodule.val_dataloader(), n_batches)
     loads = plot_expert_load(model, batches, path)  # (S, L, E)

@@ -1,11 +1,7 @@
 """``mode=extrapolate``: validation loss of a checkpoint at 1x, 2x, 4x, 8x its training context.
 
-Every length reads the same text: the first N tokens of the validation memmap (N a multiple of the
-longest length), cut into non-overlapping windows of L*k + 1 tokens, so each length predicts the
-same N targets. A scheme with a longest encodable sequence (``position.max_len``: the learned table)
-stops there, and the table says so. RoPE may opt into rescaling at evaluation time
-(``rope_scaling=linear`` position interpolation, or ``ntk``) with factor = eval length / train length.
-Writes ``extrapolation[_<scaling>].{json,md,png}`` beside the checkpoint.
+Every length reads the first N validation tokens, N a multiple of the longest length, so each length
+predicts the same N targets. See docs/sweeps.md (Length extrapolation).
 """
 
 import json
@@ -13,35 +9,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from minillm.checkpoint import checkpoint_model, read_checkpoint, unpack_checkpoint
 from minillm.config import check_int
-from minillm.evaluation.loading import checkpoint_datamodule, pick_device
-from minillm.model import Transformer
+from minillm.data.datamodule import ValBatches
+from minillm.evaluation.loading import checkpoint_datamodule, pick_device, required
+from minillm.evaluation.loss import validation_nll
+from minillm.evaluation.output import markdown_table, save_figure, subplots
 from minillm.model.position import RoPE
-from minillm.model.transformer import token_cross_entropy
 
 SCALINGS = ("none", "linear", "ntk")
-
-
-@torch.no_grad()
-def windows_loss(model: Transformer, tokens: np.ndarray, length: int, batch_tokens: int = 16384) -> float:
-    """Mean next-token loss (nats) over non-overlapping windows of ``length`` targets in ``tokens``
-    (``len(tokens) - 1`` must be a multiple of ``length``)."""
-    device = next(model.parameters()).device
-    n_windows = (len(tokens) - 1) // length
-    per_batch = max(1, batch_tokens // length)
-    total = 0.0
-    for start in range(0, n_windows, per_batch):
-        rows = range(start, min(start + per_batch, n_windows))
-        idx = np.array(rows)[:, None] * length + np.arange(length + 1)  # (B, length + 1)
-        window = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
-        logits = model(window[:, :-1])  # (B, length, V)
-        total += token_cross_entropy(logits, window[:, 1:], reduction="sum").item()
-    return total / (n_windows * length)
 
 
 def check_options(factors: Any, n_tokens: Any, rope_scaling: str) -> list[int]:
@@ -69,24 +47,27 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
                          f"{type(model.position).__name__}, not RoPE; use rope_scaling=none")
     datamodule = checkpoint_datamodule(cfg)
     train_len = int(cfg.data.seq_len)
-    tokens = np.memmap(datamodule.folder / "validation.bin", dtype=datamodule.manifest["dtype"], mode="r")
+    n_val = datamodule.manifest["splits"]["validation"]["tokens"]
     span = train_len * max(factors)
-    n = min(n_tokens, len(tokens) - 1) // span * span  # same N targets at every length
+    n = min(n_tokens, n_val - 1) // span * span  # same N targets at every length
     if n == 0:
-        raise ValueError(f"extrapolate_tokens={n_tokens}: the validation split has {len(tokens)} tokens, "
+        raise ValueError(f"extrapolate_tokens={n_tokens}: the validation split has {n_val} tokens, "
                          f"fewer than one window of {span} (max factor x {train_len}) + 1")
     limit = model.position.max_len
-    losses: dict[int, float | None] = {}
+    losses: dict[int, float | None] = dict.fromkeys(factors)  # None: longer than the scheme encodes
     for k in factors:
-        if limit is not None and train_len * k > limit:
-            losses[k] = None
+        length = train_len * k
+        if limit is not None and length > limit:
             continue
         scaled = model if rope_scaling == "none" or k == 1 else checkpoint_model(
             checkpoint, device, position={"scaling": rope_scaling, "factor": float(k)})
-        losses[k] = windows_loss(scaled, tokens[: n + 1], train_len * k)
-    reached = [k for k in factors if losses[k] is not None]
-    stop = (f"{type(model.position).__name__} encodes at most {limit} positions: stops at "
-            f"{max(reached) if reached else 0}x" if len(reached) < len(factors) else "")
+        windows = ValBatches(str(datamodule.folder / "validation.bin"), datamodule.manifest["dtype"],
+                             length, max(1, 16384 // length), 0, n // length)  # ~16k tokens a batch
+        nll, n_targets, _ = validation_nll(scaled, windows, device, model.vocab_size)
+        losses[k] = nll / n_targets
+    stops_at = max((k for k in factors if losses[k] is not None), default=None)
+    note = (f"{type(model.position).__name__} encodes at most {limit} positions: stops at {stops_at or 0}x"
+            if None in losses.values() else "")
     result = {
         "ckpt_path": str(ckpt_path),
         "position": type(model.position).__name__,
@@ -98,8 +79,8 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
         "val_loss": [losses[k] for k in factors],
         "val_bpb": [None if losses[k] is None else losses[k] / math.log(2) / datamodule.bytes_per_token
                     for k in factors],
-        "stops_at": max(reached) if reached else None,
-        "note": stop,
+        "stops_at": stops_at,
+        "note": note,
     }
     if write:
         result["files"] = _write(result, Path(ckpt_path).parent)
@@ -108,20 +89,31 @@ def extrapolate(ckpt_path: str | Path, factors: Any = (1, 2, 4, 8), n_tokens: in
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table: one row per length (loss, bpb, or where the scheme stops)."""
-    lines = ["| factor | length | val loss | val bpb |", "|---|---|---|---|"]
-    for k, length, loss, bpb in zip(result["factors"], result["lengths"], result["val_loss"],
-                                    result["val_bpb"]):
-        cells = ("n/a", "n/a") if loss is None else (f"{loss:.4f}", f"{bpb:.4f}")
-        lines.append(f"| {k}x | {length} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+    rows = [[f"{k}x", str(length), *(("n/a", "n/a") if loss is None else (f"{loss:.4f}", f"{bpb:.4f}"))]
+            for k, length, loss, bpb in zip(result["factors"], result["lengths"], result["val_loss"],
+                                            result["val_bpb"])]
+    return markdown_table(["factor", "length", "val loss", "val bpb"], rows)
+
+
+def plot_extrapolation(lines: dict[str, list[tuple[int, float | None, float]]], factors: list[int],
+                       path: Path) -> None:
+    """Validation loss against length / training context, a line per label through (factor, mean, std)."""
+    fig, ax = subplots(figsize=(6, 4))
+    for i, (label, points) in enumerate(lines.items()):
+        points = [p for p in points if p[1] is not None]
+        if points:
+            ax.errorbar(*zip(*points), marker="o", capsize=3, color=f"C{i % 10}", label=label)
+    ax.axvline(1, color="grey", linestyle=":", label="training context")
+    ax.set(xscale="log", xlabel="evaluation length / training context", title="Length extrapolation",
+           ylabel="validation loss (nats/token)")
+    ax.set_xticks(factors, [f"{k}x" for k in factors])
+    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def _write(result: dict[str, Any], folder: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scaling = result["rope_scaling"]
     stem = "extrapolation" + ("" if scaling == "none" else f"_{scaling}")
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -132,30 +124,16 @@ def _write(result: dict[str, Any], folder: Path) -> list[str]:
     if result["note"]:
         text += f"\n{result['note']}.\n"
     (folder / f"{stem}.md").write_text(text)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    points = [(x, y) for x, y in zip(result["lengths"], result["val_loss"]) if y is not None]
-    ax.plot(*zip(*points), marker="o", label=title)
-    ax.axvline(result["train_len"], color="grey", linestyle=":", label="training context")
-    ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="validation loss (nats/token)",
-           title="Length extrapolation")
-    ax.set_xticks(result["lengths"], [str(x) for x in result["lengths"]])
-    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / f"{stem}.png", dpi=120)
-    plt.close(fig)
+    label = f"{title}, trained at {result['train_len']} tokens"
+    points = [(k, loss, 0.0) for k, loss in zip(result["factors"], result["val_loss"])]
+    plot_extrapolation({label: points}, result["factors"], folder / f"{stem}.png")
     return [str(folder / f"{stem}.{ext}") for ext in ("json", "md", "png")]
 
 
 def extrapolate_mode(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py ckpt_path=PATH mode=extrapolate [rope_scaling=linear|ntk]``."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path is required, e.g. python eval.py mode=extrapolate "
-                         "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt")
-    result = extrapolate(cfg.ckpt_path, cfg.factors, cfg.extrapolate_tokens, cfg.rope_scaling, cfg.device)
-    print(f"{result['ckpt_path']}: trained at {result['train_len']} tokens, {result['tokens']:,} "
-          f"validation tokens per length\n{table(result)}")
-    if result["note"]:
-        print(result["note"])
+    result = extrapolate(required(cfg, "ckpt_path"), cfg.factors, cfg.extrapolate_tokens, cfg.rope_scaling,
+                         cfg.device)
+    print(Path(result["files"][1]).read_text())  # the .md written: header, table and note
     print(f"written: {', '.join(result['files'])}")
     return result

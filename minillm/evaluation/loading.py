@@ -21,24 +21,32 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"device={name!r} is not a torch device (try auto, cpu, cuda)") from None
 
 
+def required(cfg: DictConfig, key: str, example: str = "ckpt_path=runs/DATE/TIME/checkpoints/last.ckpt"):
+    """``cfg[key]``; ValueError with an example command of ``cfg.mode`` when it is not set."""
+    if not cfg.get(key):
+        raise ValueError(f"{key} is required, e.g. python eval.py mode={cfg.mode} {example}")
+    return cfg[key]
+
+
+def read(cfg: DictConfig) -> tuple[dict[str, Any], torch.device]:
+    """The raw checkpoint dict named by ``cfg.ckpt_path``, read onto ``cfg.device``, and that device."""
+    path = required(cfg, "ckpt_path")
+    device = pick_device(cfg.get("device", "auto"))
+    return read_checkpoint(path, device), device
+
+
 def load(cfg: DictConfig) -> tuple[LoadedCheckpoint, dict[str, Any]]:
     """The checkpoint named by ``cfg.ckpt_path`` on ``cfg.device``, and its raw dict."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path is required, e.g. "
-                         "python eval.py ckpt_path=runs/DATE/TIME/checkpoints/best.ckpt")
-    device = pick_device(cfg.get("device", "auto"))
-    checkpoint = read_checkpoint(cfg.ckpt_path, device)
+    checkpoint, device = read(cfg)
     return unpack_checkpoint(checkpoint, device), checkpoint
 
 
-def checkpoint_datamodule(run_cfg: DictConfig, **overrides: Any):
-    """The run's datamodule, set up for evaluation; ``None`` overrides keep the run's value."""
-    data_cfg = run_cfg.data.copy()
-    for key, value in overrides.items():
-        if value is not None:
-            data_cfg[key] = value
-    if data_cfg.get("document_mask"):  # evaluation calls the model on whole windows: (x, y) batches
-        data_cfg.document_mask = False
-    datamodule = instantiate(data_cfg)
+def checkpoint_datamodule(run_cfg: DictConfig, cfg: DictConfig | None = None):
+    """The run's datamodule, set up for evaluation; the mode's ``batch_size``, ``val_tokens`` and
+    ``num_workers`` replace the run's where ``cfg`` sets them."""
+    overrides = {k: cfg.get(k) for k in ("batch_size", "val_tokens", "num_workers")} if cfg else {}
+    # document_mask off: evaluation calls the model on whole windows, (x, y) batches
+    datamodule = instantiate(run_cfg.data, **{k: v for k, v in overrides.items() if v is not None},
+                             document_mask=False)
     datamodule.setup("validate")
     return datamodule

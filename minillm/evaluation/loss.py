@@ -1,8 +1,6 @@
 """``mode=loss``: validation loss, perplexity and bits per byte of a checkpoint, with a unigram
-baseline (fitted on the training tokens, add-one smoothing) scored on the same tokens.
-
-bits per byte = mean loss in nats per token / ln 2 / bytes_per_token (REFERENCE.md), where
-bytes_per_token is the datamodule's UTF-8 bytes per validation token.
+baseline (fitted on the training tokens, add-one smoothing) scored on the same tokens. Bits per
+byte as in training (``TokenDataModule.bytes_per_token``); see docs/training.md.
 """
 
 import json
@@ -25,14 +23,12 @@ def validation_nll(model: torch.nn.Module, dataloader, device: torch.device,
     """Summed next-token NLL (nats), token count and per-id counts of the targets, over ``dataloader``."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.zeros(vocab_size, dtype=torch.float64, device=device)
-    n = 0
     for x, y in dataloader:
         x, y = x.to(device), y.to(device)  # (B, T)
         logits = model(x)  # (B, T, V)
         total += token_cross_entropy(logits, y, reduction="sum").double()
         counts += torch.bincount(y.flatten(), minlength=vocab_size).double()
-        n += y.numel()
-    return total.item(), n, counts.cpu()
+    return total.item(), int(counts.sum().item()), counts.cpu()
 
 
 def unigram_log_probs(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> Tensor:
@@ -47,9 +43,7 @@ def unigram_log_probs(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24)
 def evaluate_loss(cfg: DictConfig) -> dict[str, Any]:
     """Print and write ``eval.json`` beside the checkpoint: val loss, ppl, bpb, unigram bpb."""
     (model, tokenizer, run_cfg), checkpoint = load(cfg)
-    datamodule = checkpoint_datamodule(run_cfg, batch_size=cfg.get("batch_size"),
-                                       val_tokens=cfg.get("val_tokens"),
-                                       num_workers=cfg.get("num_workers"))
+    datamodule = checkpoint_datamodule(run_cfg, cfg)
     device = next(model.parameters()).device
     vocab_size = max(model.vocab_size, tokenizer.get_vocab_size())
     nll, n_tokens, target_counts = validation_nll(model, datamodule.val_dataloader(), device, vocab_size)

@@ -1,14 +1,10 @@
-"""Read a sweep directory (``python train.py -m ...``) into one ``Member`` per run.
-
-Each run of a sweep leaves ``DIR/<n>/``: ``.hydra/overrides.yaml`` (what makes it a member),
-``config.yaml`` (resolved config with parameter counts), ``metrics.jsonl`` (one line per
-validation), ``status.json`` (``minillm.training.sweep.RunStatus``) and ``checkpoints/``.
-
-A member's status is ``diverged`` when any recorded loss is not finite, ``failed`` when its job
-raised (or it never validated), ``ok`` when its job completed (or, without ``status.json``, its
-history reached ``trainer.max_steps``), and ``unfinished`` otherwise (still running, or killed).
+"""Read a sweep directory (``python train.py -m ...``) into one ``Member`` per run; docs/sweeps.md
+lists the files each run writes (``.hydra/overrides.yaml`` makes a directory a member) and says
+when a member is ok, unfinished, failed or diverged.
 """
 
+import contextlib
+import functools
 import json
 import math
 import statistics
@@ -79,11 +75,7 @@ class Member:
 
 def parse_overrides(lines: list[str]) -> dict[str, str]:
     """``["model/position=rope", "+x=1"]`` -> ``{"model/position": "rope", "x": "1"}``."""
-    out = {}
-    for line in lines:
-        key, _, value = str(line).partition("=")
-        out[key.lstrip("+~")] = value
-    return out
+    return {key.lstrip("+~"): value for key, _, value in (str(line).partition("=") for line in lines)}
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:
@@ -91,10 +83,8 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
         return []
     history = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a killed run
             history.append(json.loads(line))  # json reads NaN and Infinity
-        except json.JSONDecodeError:
-            pass  # a line cut short by a killed run
     return history
 
 
@@ -110,18 +100,15 @@ def _read_config(run: Path) -> dict[str, Any] | None:
     return None
 
 
-_SIZES: dict[str, tuple[int, int, float]] = {}
-
-
-def model_sizes(config: dict[str, Any]) -> tuple[int, int, float]:
-    """(parameters, active parameters, training FLOPs per token) of a run config's model."""
-    key = json.dumps([config["model"], config["data"].get("seq_len")], sort_keys=True, default=str)
-    if key not in _SIZES:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            model = build_model(config["model"])
-        seq_len = int(config["data"].get("seq_len") or config["model"]["max_seq_len"])
-        _SIZES[key] = (model.num_params(), model.num_params(active=True), flops_per_token(model, seq_len))
-    return _SIZES[key]
+@functools.lru_cache
+def model_sizes(model_json: str, seq_len: int | None) -> tuple[int, int, float]:
+    """(parameters, active parameters, training FLOPs per token) of a model config given as JSON
+    (hashable: a sweep builds each distinct model once) at ``seq_len`` (None: its ``max_seq_len``)."""
+    model_cfg = json.loads(model_json)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_model(model_cfg)
+    seq_len = int(seq_len or model_cfg["max_seq_len"])
+    return model.num_params(), model.num_params(active=True), flops_per_token(model, seq_len)
 
 
 def _status(member: Member) -> tuple[str, str]:
@@ -169,8 +156,9 @@ def read_sweep(sweep_dir: str | Path) -> list[Member]:
             member.params = member.config.get("num_params")
             member.active_params = member.config.get("num_params_active")
             try:
-                params, active, flops = model_sizes(member.config)
-                member.params, member.active_params, member.flops_per_token = params, active, flops
+                model_json = json.dumps(member.config["model"], sort_keys=True, default=str)
+                sizes = model_sizes(model_json, member.config["data"].get("seq_len"))
+                member.params, member.active_params, member.flops_per_token = sizes
             except Exception as e:  # an unbuildable model (the reason it failed, perhaps): no sizes
                 member.note = f"model not buildable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         status, note = _status(member)
@@ -185,8 +173,7 @@ def swept_keys(members: list[Member], sweep_dir: str | Path) -> list[str]:
     keys: list[str] = []
     multirun = Path(sweep_dir) / "multirun.yaml"
     if multirun.is_file():
-        params = (((yaml.safe_load(multirun.read_text()) or {}).get("hydra") or {})
-                  .get("sweeper") or {}).get("params") or {}
+        params = OmegaConf.select(OmegaConf.load(multirun), "hydra.sweeper.params") or {}
         keys += [str(k).lstrip("+~") for k in params]
     for member in members:
         for key in member.overrides:

@@ -1,11 +1,5 @@
-"""``mode=report``: collect a sweep directory into ``report.md``, ``report.csv``, ``members.csv`` and
-plots (``val_loss.png``: validation loss against tokens, every member; ``bpb.png``: final bits per
-byte per setting, mean and std over seeds).
-
-Members are grouped by their swept values without the seed; a group's figures are the mean and std
-over its ``ok`` members. Failed, unfinished and diverged members stay in the tables with their
-status. For a sweep over ``model/position`` (or with ``extrapolate=true``) every member with a
-checkpoint is also evaluated at 1x-8x its training context (``minillm.evaluation.extrapolate``).
+"""``mode=report``: a sweep directory's tables and plots, one row per setting (the swept values
+without the seed), figures as mean and std over its ``ok`` members. See docs/sweeps.md (The report).
 """
 
 import csv
@@ -17,8 +11,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from minillm.evaluation.extrapolate import check_options, extrapolate
-from minillm.evaluation.members import Member, read_sweep, swept_keys
+from minillm.evaluation.extrapolate import check_options, extrapolate, plot_extrapolation
+from minillm.evaluation.loading import required
+from minillm.evaluation.members import STATUSES, Member, read_sweep, swept_keys
+from minillm.evaluation.output import markdown_table, save_figure, subplots
 
 STATS = ("val_loss", "val_ppl", "val_bpb", "tokens_per_sec", "peak_memory_mb")  # mean and std over seeds
 SIZES = ("tokens", "params", "active_params", "flops_per_token")  # the same for every seed
@@ -39,11 +35,10 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _status(members: list[Member]) -> str:
+def _counts(members: list[Member]) -> str:
+    """Members per status, in ``STATUSES`` order: ``ok 2, failed 1``."""
     counts = Counter(m.status for m in members)
-    if len(counts) == 1:
-        return members[0].status
-    return ", ".join(f"{s} {counts[s]}" for s in ("ok", "unfinished", "failed", "diverged") if counts[s])
+    return ", ".join(f"{s} {counts[s]}" for s in STATUSES if counts[s])
 
 
 def group_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str]) -> list[dict[str, Any]]:
@@ -52,7 +47,8 @@ def group_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str]) -> 
     for values, members in groups.items():
         ok = [m for m in members if m.status == "ok"]
         row: dict[str, Any] = dict(zip(keys, values))
-        row.update(status=_status(members), runs=len(members), ok=len(ok),
+        status = _counts(members) if len({m.status for m in members}) > 1 else members[0].status
+        row.update(status=status, runs=len(members), ok=len(ok),
                    seeds=" ".join(str(m.seed) for m in members))
         summaries = [m.summary() for m in ok]
         for metric in SIZES:  # from the ok members; sizes from any member, so failed rows show them
@@ -91,38 +87,22 @@ def _pm(row: dict[str, Any], metric: str, digits: int = 4) -> str:
     return _fmt(mean, digits) if not std else f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV, columns in first-seen order; None as an empty cell."""
+    """Rows as CSV, columns in first-seen order; None (and a missing key) as an empty cell."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+        writer.writerows(rows)  # csv writes None as an empty string
 
 
 def _label(values: tuple[str, ...]) -> str:
     return ", ".join(values) if values else "all runs"
 
 
-def save_figure(fig, path: Path) -> None:
-    """Write ``fig`` to ``path`` (PNG, 120 dpi) and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_curves(groups: dict[tuple[str, ...], list[Member]], keys: list[str], path: Path) -> None:
     """Validation loss against tokens, one line per member, one colour per group."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for i, (values, members) in enumerate(groups.items()):
         for j, m in enumerate(members):
             points = [(h["tokens"], h["val_loss"]) for h in m.history
@@ -141,12 +121,10 @@ def plot_curves(groups: dict[tuple[str, ...], list[Member]], keys: list[str], pa
 
 def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     """Final bits per byte per group: mean over ok seeds, std as error bars; no bar where none is ok."""
-    import matplotlib.pyplot as plt
-
     labels = [_label(tuple(r[k] for k in keys)) for r in rows]
     means = [r["val_bpb_mean"] if r["val_bpb_mean"] is not None else 0.0 for r in rows]
     stds = [r["val_bpb_std"] or 0.0 for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 2), 4))
+    fig, ax = subplots(figsize=(max(4, 1.1 * len(rows) + 2), 4))
     bars = ax.bar(range(len(rows)), means, yerr=stds, capsize=4,
                   color=[f"C{i % 10}" for i in range(len(rows))])
     for bar, row in zip(bars, rows):
@@ -154,10 +132,10 @@ def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
             ax.text(bar.get_x() + bar.get_width() / 2, 0.03, row["status"], ha="center", va="bottom",
                     rotation=90, fontsize=8, transform=ax.get_xaxis_transform())  # y in axes units
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
-    finite = [m - s for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None]
-    if finite:  # zoom in: the differences are small next to the absolute value
-        top = max(m + s for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None)
-        ax.set_ylim(max(0.0, min(finite) - 0.1 * (top - min(finite) + 1e-3)), top + 0.05 * (top + 1e-3))
+    shown = [(m - s, m + s) for m, s, r in zip(means, stds, rows) if r["val_bpb_mean"] is not None]
+    if shown:  # zoom in: the differences are small next to the absolute value
+        low, top = min(lo for lo, _ in shown), max(hi for _, hi in shown)
+        ax.set_ylim(max(0.0, low - 0.1 * (top - low + 1e-3)), top + 0.05 * (top + 1e-3))
     ax.set(ylabel="validation bits per byte", title="Final bits per byte (mean ± std over seeds)")
     save_figure(fig, path)
 
@@ -170,8 +148,7 @@ def _uses_rope(member: Member) -> bool:
 def extrapolation_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[str], factors: list[int],
                        n_tokens: int, rope_scaling: str,
                        device: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per group: mean and std over its ok members with a checkpoint of the validation loss at each
-    factor (None past what the scheme encodes), plus the training context; and the schemes' notes."""
+    """Per group, mean and std over its ok members with a checkpoint of the loss at each factor; notes."""
     rows, notes = [], []
     for values, members in groups.items():
         results = [extrapolate(m.checkpoint, factors, n_tokens, rope_scaling if _uses_rope(m) else "none",
@@ -188,26 +165,6 @@ def extrapolation_rows(groups: dict[tuple[str, ...], list[Member]], keys: list[s
     return rows, notes
 
 
-def plot_extrapolation(rows: list[dict[str, Any]], keys: list[str], factors: list[int], path: Path) -> None:
-    """Validation loss against evaluation length (x the training context), one line per group."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, row in enumerate(rows):
-        points = [(k, row[f"loss_{k}x_mean"], row[f"loss_{k}x_std"]) for k in factors
-                  if row[f"loss_{k}x_mean"] is not None]
-        ax.errorbar(*zip(*points), marker="o", capsize=3, color=f"C{i % 10}",
-                    label=_label(tuple(row[k] for k in keys)))
-    ax.axvline(1, color="grey", linestyle=":", label="training context")
-    ax.set(xscale="log", xlabel="evaluation length / training context", title="Length extrapolation",
-           ylabel="validation loss (nats/token)")
-    ax.set_xticks(factors, [f"{k}x" for k in factors])
-    ax.minorticks_off()  # log-scale minor labels (3x10^0) would clutter the axis
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-
-
 def extrapolation_markdown(rows: list[dict[str, Any]], notes: list[str], keys: list[str],
                            factors: list[int], rope_scaling: str) -> str:
     """The report's length-extrapolation section."""
@@ -219,16 +176,13 @@ def extrapolation_markdown(rows: list[dict[str, Any]], notes: list[str], keys: l
     return (f"## Length extrapolation\n\nValidation loss (nats/token) at multiples of the training "
             f"context, on the same {rows[0]['tokens']:,} validation tokens at every length "
             f"(checkpoints/last.ckpt of each ok member, mean ± std over seeds).{scaling} n/a: the "
-            f"position scheme cannot encode that length.\n\n{_markdown_table(header, body)}\n\n"
+            f"position scheme cannot encode that length.\n\n{markdown_table(header, body)}\n\n"
             + "".join(f"- {note}\n" for note in notes) + "\n![extrapolation](extrapolation.png)\n")
 
 
 def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, factors: Any = (1, 2, 4, 8),
                  n_tokens: int = 16384, rope_scaling: str = "none", device: str = "auto") -> dict[str, Any]:
     """Write the report files into ``sweep_dir``; return the group rows, member rows and file paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     factors = check_options(factors, n_tokens, rope_scaling)
     folder = Path(sweep_dir)
     members = read_sweep(folder)
@@ -247,7 +201,9 @@ def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, facto
         extra_rows, notes = extrapolation_rows(groups, keys, factors, n_tokens, rope_scaling, device)
         if extra_rows:
             write_csv(folder / "extrapolation.csv", extra_rows)
-            plot_extrapolation(extra_rows, keys, factors, folder / "extrapolation.png")
+            lines = {_label(tuple(r[k] for k in keys)): [(f, r[f"loss_{f}x_mean"], r[f"loss_{f}x_std"])
+                                                         for f in factors] for r in extra_rows}
+            plot_extrapolation(lines, factors, folder / "extrapolation.png")
             extra_text = extrapolation_markdown(extra_rows, notes, keys, factors, rope_scaling)
             files += [str(folder / "extrapolation.csv"), str(folder / "extrapolation.png")]
     (folder / "report.md").write_text(_markdown(folder, members, keys, rows, runs) + extra_text)
@@ -270,25 +226,21 @@ def _markdown(folder: Path, members: list[Member], keys: list[str], rows: list[d
     member_body = [[r["run"]] + [str(r[k]) for k in keys] + [
         str(r["seed"]), r["status"], _fmt(r["val_loss"]), _fmt(r["val_bpb"]), _fmt(r["tokens"]), r["note"]]
         for r in runs]
-    counts = Counter(m.status for m in members)
-    return (f"# Sweep report: {folder.name}\n\n{len(members)} runs ("
-            + ", ".join(f"{counts[s]} {s}" for s in ("ok", "unfinished", "failed", "diverged") if counts[s])
-            + f"), swept over {', '.join(f'`{k}`' for k in keys) or 'nothing but the seed'}. {budget} "
+    return (f"# Sweep report: {folder.name}\n\n{len(members)} runs ({_counts(members)}), swept over "
+            f"{', '.join(f'`{k}`' for k in keys) or 'nothing but the seed'}. {budget} "
             "Figures are the mean ± std over each setting's ok seeds, at the last validation; "
             "FLOPs/token counts forward + backward (6N + 12 L H D T, active parameters). "
             "tokens/s is the median training throughput, peak MiB the peak memory (CUDA allocated, "
             "or on CPU the process's peak RSS, which later members of a one-process sweep inherit).\n\n"
-            f"{_markdown_table(header, body)}\n\n![validation loss](val_loss.png)\n\n"
-            f"![bits per byte](bpb.png)\n\n## Runs\n\n{_markdown_table(member_header, member_body)}\n\n")
+            f"{markdown_table(header, body)}\n\n![validation loss](val_loss.png)\n\n"
+            f"![bits per byte](bpb.png)\n\n## Runs\n\n{markdown_table(member_header, member_body)}\n\n")
 
 
 def report(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py mode=report sweep_dir=DIR [extrapolate=true] [rope_scaling=linear]``."""
-    if not cfg.get("sweep_dir"):
-        raise ValueError("sweep_dir is required, e.g. python eval.py mode=report "
-                         "sweep_dir=multirun/ablate_position_DATE_TIME")
-    result = build_report(cfg.sweep_dir, cfg.get("extrapolate"), cfg.factors, cfg.extrapolate_tokens,
+    sweep_dir = required(cfg, "sweep_dir", "sweep_dir=multirun/ablate_position_DATE_TIME")
+    result = build_report(sweep_dir, cfg.get("extrapolate"), cfg.factors, cfg.extrapolate_tokens,
                           cfg.rope_scaling, cfg.device)
-    print((Path(cfg.sweep_dir) / "report.md").read_text().split("![validation loss]")[0])
+    print((Path(sweep_dir) / "report.md").read_text().split("![validation loss]")[0])
     print("written: " + ", ".join(result["files"]))
     return result

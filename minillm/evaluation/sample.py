@@ -1,12 +1,8 @@
 """``mode=sample``: print ``num_samples`` continuations of ``prompt`` (or ``prompt_file``) from a checkpoint.
 
-The prompt is encoded after ``<|endoftext|>`` (every training story follows one), so an empty
-prompt starts a new story. The tokenizer is byte-level BPE: any text, including characters it never
-saw in training, encodes (as bytes). A row stops at ``<|endoftext|>`` or after ``max_new_tokens``;
-beyond the context window the window slides (``minillm.generate``). The same seed gives the same text.
+See docs/training.md (Evaluation and sampling).
 """
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +14,7 @@ from minillm.generation import check_sampling, continuations
 
 
 def prompt_text(cfg: DictConfig) -> str:
-    """The prompt of ``mode=sample`` / ``mode=attention``: ``prompt_file``'s text (less one final
-    newline) when set, else ``prompt``; checked before the checkpoint is read."""
+    """The prompt: ``prompt_file``'s text (less one final newline) when set, else ``prompt``."""
     path = cfg.get("prompt_file")
     if path is not None:
         try:
@@ -31,12 +26,6 @@ def prompt_text(cfg: DictConfig) -> str:
         raise ValueError(f"prompt={cfg.prompt!r} must be a string (quote it for the shell: "
                          "\"prompt=Tom, the cat\", or use prompt_file=PATH)")
     return cfg.prompt
-
-
-def _check(cfg: DictConfig) -> str:
-    """Reject bad sampling settings before the checkpoint is read; return the prompt."""
-    check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
-    return prompt_text(cfg)
 
 
 class _Printer:
@@ -58,7 +47,8 @@ class _Printer:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Print samples; return ``{"samples": [text, ...]}`` (prompt included, EOT excluded)."""
-    prompt = _check(cfg)
+    check_sampling("", cfg.max_new_tokens, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.top_p)
+    prompt = prompt_text(cfg)  # both checked before the checkpoint is read
     (model, tokenizer, _), _ = load(cfg)
     streaming = bool(cfg.get("stream", False)) and cfg.num_samples == 1
     printer = None
@@ -72,5 +62,5 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         print()
     else:
         for i, text in enumerate(texts):
-            print(f"--- sample {i + 1}/{len(texts)} ---\n{text}", file=sys.stdout)
+            print(f"--- sample {i + 1}/{len(texts)} ---\n{text}")
     return {"samples": texts}
