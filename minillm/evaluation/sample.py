@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from tokenizers.decoders import DecodeStream
 
-from minillm.data import EOT
 from minillm.evaluation.loading import load
 from minillm.generation import check_sampling, continuations
 
@@ -28,21 +28,14 @@ def prompt_text(cfg: DictConfig) -> str:
     return cfg.prompt
 
 
-class _Printer:
-    """Streams one row's text to stdout, holding back bytes of a character not yet complete."""
+def _printer(tokenizer, prompt_ids: list[int]):
+    """Stream one row's new text to stdout; ``DecodeStream`` holds back a character not yet complete."""
+    stream = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
 
-    def __init__(self, tokenizer, prefix: list[int], eot: int) -> None:
-        self.tokenizer, self.ids, self.eot = tokenizer, list(prefix), eot
-        self.shown = len(tokenizer.decode(self.ids))
+    def show(row: int, token_id: int) -> None:
+        print(stream.step(tokenizer, token_id) or "", end="", flush=True)
 
-    def __call__(self, row: int, token_id: int) -> None:
-        if token_id == self.eot:
-            return
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence decodes to U+FFFD
-            print(text[self.shown:], end="", flush=True)
-            self.shown = len(text)
+    return show
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
@@ -53,7 +46,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     streaming = bool(cfg.get("stream", False)) and cfg.num_samples == 1
     printer = None
     if streaming:
-        printer = _Printer(tokenizer, tokenizer.encode(prompt).ids, tokenizer.token_to_id(EOT))
+        printer = _printer(tokenizer, tokenizer.encode(prompt).ids)
         print(prompt, end="", flush=True)
     texts = continuations(model, tokenizer, prompt, cfg.num_samples, cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
