@@ -10,7 +10,8 @@ Muon on real leaf parameters. docs/recipe.md gives the split, the learning rates
 """
 
 import inspect
-from collections.abc import Callable, Iterable, MutableMapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -63,7 +64,15 @@ class MuonAdamW(Optimizer):
                                         momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                         adjust_lr_fn=adjust_lr_fn))
         super().__init__([g for o in self.optimizers for g in o.param_groups], {})
-        self._state = _States(self.optimizers)
+        self._share_state()
+
+    def _share_state(self) -> None:
+        """One per-parameter state dict for all: each optimizer touches only its own parameters'
+        entries, and ``state_dict`` and Lightning's device moves see every entry."""
+        self.state = defaultdict(dict)
+        for optimizer in self.optimizers:
+            self.state.update(optimizer.state)
+            optimizer.state = self.state
 
     @staticmethod
     def param_groups_of(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -73,15 +82,6 @@ class MuonAdamW(Optimizer):
         muon = [p for p in model.parameters() if p.requires_grad and id(p) in hidden]
         return [{"params": muon, "weight_decay": weight_decay, "muon": True},
                 *param_groups(model, weight_decay, skip=hidden)]
-
-    @property
-    def state(self) -> MutableMapping:
-        """Both optimizers' per-parameter state (``state_dict`` and Lightning's device moves use it)."""
-        return self._state
-
-    @state.setter
-    def state(self, value) -> None:  # Optimizer.__init__ assigns an empty one: the inner ones hold it
-        pass
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,31 +106,9 @@ class MuonAdamW(Optimizer):
             optimizer.load_state_dict({"state": {i: state[i] for i in ids if i in state},
                                        "param_groups": part})
             start += len(part)
-        # torch's load_state_dict gives each optimizer new group dicts: expose those
+        # torch's load_state_dict gives each optimizer new group and state dicts: expose those
         self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-
-
-class _States(MutableMapping):
-    """The per-parameter state of several optimizers as one mapping; a write goes to the owner."""
-
-    def __init__(self, optimizers: list[Optimizer]) -> None:
-        self.owner = {id(p): o for o in optimizers for g in o.param_groups for p in g["params"]}
-        self.optimizers = optimizers
-
-    def __getitem__(self, p: Tensor) -> dict[str, Any]:
-        return self.owner[id(p)].state[p]
-
-    def __setitem__(self, p: Tensor, value: dict[str, Any]) -> None:
-        self.owner[id(p)].state[p] = value
-
-    def __delitem__(self, p: Tensor) -> None:
-        del self.owner[id(p)].state[p]
-
-    def __iter__(self):
-        return (p for o in self.optimizers for p in o.state)
-
-    def __len__(self) -> int:
-        return sum(len(o.state) for o in self.optimizers)
+        self._share_state()
 
 
 def _check(lr, muon_lr, betas, eps, weight_decay, momentum, nesterov, ns_steps, adjust_lr_fn) -> None:
