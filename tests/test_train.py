@@ -263,7 +263,7 @@ def test_debug_fast_runs_from_the_command_line(tmp_path):
 
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=fast", f"run_dir={tmp_path}",
                            f"data.cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4]  # debug=fast: 4 steps, validating every 2
