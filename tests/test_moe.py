@@ -285,8 +285,7 @@ def test_training_callbacks_log_update_bias_and_draw(tmp_path):
     L = pytest.importorskip("lightning")
     from lightning.pytorch.loggers import CSVLogger
 
-    from minillm.training.moe_balance import ExpertBiasUpdate
-    from minillm.training.moe_monitor import MoEMonitor, plot_expert_load
+    from minillm.training.moe import ExpertBiasUpdate, MoEMonitor, plot_expert_load
 
     model = build_model(compose_cfg(["model=tiny", "model/ffn=moe_auxfree", "data.vocab_size=256",
                                      "model.n_layers=2"]).model)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from minillm.config import check_int
 from minillm.evaluation.loading import checkpoint_datamodule, load
-from minillm.training.moe_monitor import plot_expert_load
+from minillm.training.moe import plot_expert_load
 
 
 def expert_load(cfg: DictConfig) -> dict[str, Any]:

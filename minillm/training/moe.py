@@ -1,9 +1,10 @@
-"""Observe Mixture-of-Experts routing: per-layer metrics to the run's loggers and an expert-load heatmap.
+"""Mixture-of-Experts callbacks: aux-loss-free balancing, and routing metrics with a heatmap.
 
-``MoEMonitor`` logs ``moe/layer{i}/{imbalance,entropy,dropped,balance_loss,z_loss,tokens_e{j}}``
-every ``log_every_n_steps`` optimizer steps (docs/moe.md), reading the layers' device ``stats`` only
-then (one host transfer; loads are summed on the device in between), and writes
-``expert_load.png`` into ``trainer.default_root_dir`` at the end of training.
+``ExpertBiasUpdate`` calls ``update_bias()`` on every MoE layer after each optimizer step (Wang et
+al. 2024; DeepSeek-V3). ``MoEMonitor`` logs ``moe/layer{i}/{imbalance,entropy,dropped,balance_loss,
+z_loss,tokens_e{j}}`` every ``log_every_n_steps`` optimizer steps (docs/moe.md), reading the layers'
+device ``stats`` only then (one host transfer; loads are summed on the device in between), and
+writes ``expert_load.png`` into ``trainer.default_root_dir`` at the end of training.
 """
 
 from pathlib import Path
@@ -14,12 +15,18 @@ import matplotlib
 import torch
 from torch import Tensor, nn
 
-from minillm.training.moe_balance import moe_layers
+from minillm.config import check_int
+from minillm.model.moe import MoE
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)
 
 SCALARS = ("imbalance", "entropy", "dropped", "balance_loss", "z_loss")
+
+
+def moe_layers(module: nn.Module) -> list[MoE]:
+    """Every MoE layer inside ``module``, in module order (layer i = the i-th MoE layer)."""
+    return [m for m in module.modules() if isinstance(m, MoE)]
 
 
 def draw_expert_load(loads: Tensor, xs: list[int], xlabel: str, path: str | Path) -> None:
@@ -62,35 +69,57 @@ def plot_expert_load(model: nn.Module, batches: Iterable, path: str | Path) -> T
     return loads
 
 
-class MoEMonitor(L.Callback):
+class _StepCallback(L.Callback):
+    """The model's MoE layers (``layers``), and whether a training batch ended an optimizer step."""
+
+    layers: list[MoE] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.layers = moe_layers(pl_module)
+        self._step = trainer.global_step  # also right after resuming from a checkpoint
+
+    def stepped(self, trainer: L.Trainer) -> bool:
+        """False for a batch inside a gradient-accumulation window; True once per optimizer step."""
+        if trainer.global_step == self._step:
+            return False
+        self._step = trainer.global_step
+        return True
+
+
+class ExpertBiasUpdate(_StepCallback):
+    """Call ``update_bias()`` on every MoE layer with aux-free balancing once per optimizer step,
+    with the loads of all its micro-batches (the layer sums them); a no-op for dense models."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.layers = [m for m in self.layers if m.router.expert_bias is not None]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self.layers and self.stepped(trainer):
+            for layer in self.layers:
+                layer.update_bias()
+
+
+class MoEMonitor(_StepCallback):
     """Log per-layer MoE routing metrics every ``log_every_n_steps``; heatmap at the end."""
 
     def __init__(self, log_every_n_steps: int = 50, filename: str = "expert_load.png") -> None:
-        if log_every_n_steps < 1:
-            raise ValueError(f"MoEMonitor.log_every_n_steps={log_every_n_steps} must be >= 1")
+        check_int(log_every_n_steps, "MoEMonitor.log_every_n_steps")
         self.every, self.filename = log_every_n_steps, filename
         self.steps: list[int] = []
         self.history: list[Tensor] = []  # (L, E) tokens per expert summed since the previous log
         self._load: Tensor | None = None
-        self._layers: list = []
-        self._step = 0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._layers = moe_layers(pl_module)
-        self._step = trainer.global_step  # also right after resuming from a checkpoint
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        layers = self._layers
+        layers = self.layers
         if not layers:
             return
         load = torch.stack([m.stats["tokens_per_expert"] for m in layers])  # (L, E), on device
         self._load = load if self._load is None else self._load + load
         step = trainer.global_step
-        if step == self._step:  # no optimizer step ended with this batch (gradient accumulation)
-            return
-        self._step = step
-        if step % self.every:
+        if not self.stepped(trainer) or step % self.every:
             return
         scalars = torch.stack([torch.stack([m.stats[k] for k in SCALARS]) for m in layers])  # (L, S)
         host = torch.cat([scalars, load, self._load], dim=1).cpu()  # the one host transfer
