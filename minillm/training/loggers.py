@@ -35,26 +35,22 @@ class _ResumingWriter(ExperimentWriter):
     again), so the file reads as one run."""
 
     def _check_log_dir_exists(self) -> None:
-        self._earlier: list[dict[str, str]] | None = None
-        path = Path(self.metrics_file_path)
-        if path.is_file():
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self._earlier = list(reader)
-                self.metrics_keys = sorted(reader.fieldnames or [])
+        self._resuming = Path(self.metrics_file_path).is_file()
 
     def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
-        if self._earlier is not None and step is not None:
-            kept = [row for row in self._earlier if _step(row) is not None and _step(row) < step]
-            keys = self.metrics_keys
+        if self._resuming and step is not None:
+            self._resuming = False
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                kept = [row for row in reader if _step(row) is not None and _step(row) < step]
+            self.metrics_keys = sorted(reader.fieldnames or [])
 
             def write(f) -> None:
-                writer = csv.DictWriter(f, fieldnames=keys)
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(kept)
 
             atomic_write(Path(self.metrics_file_path), write, mode="w")
-            self._earlier = None
         super().log_metrics(metrics_dict, step)
 
 
@@ -104,17 +100,13 @@ def wandb_resume(logger_cfg: Any, run_dir: Path, resuming: bool) -> dict[str, An
 
 def wandb_grouping(logger_cfg: Any) -> dict[str, Any]:
     """``group`` and ``tags`` for a W&B logger config inside a multirun (where it sets neither)."""
-    if not is_wandb(logger_cfg) or not HydraConfig.initialized():
+    if not is_wandb(logger_cfg) or not HydraConfig.initialized() or \
+            HydraConfig.get().mode != RunMode.MULTIRUN:
         return {}
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {}
-    extra: dict[str, Any] = {}
-    if logger_cfg.get("group") is None:
-        extra["group"] = Path(hydra_cfg.sweep.dir).name
-    if logger_cfg.get("tags") is None:
-        extra["tags"] = [o for o in hydra_cfg.overrides.task if len(o) <= MAX_TAG_LEN]
-    return extra
+    extra = {"group": Path(hydra_cfg.sweep.dir).name,
+             "tags": [o for o in hydra_cfg.overrides.task if len(o) <= MAX_TAG_LEN]}
+    return {key: value for key, value in extra.items() if logger_cfg.get(key) is None}
 
 
 def make_loggers(logger_cfg: Any, run_dir: Path, resuming: bool) -> list[Any]:
