@@ -4,7 +4,6 @@ calls them in order (see ``minillm.training.assembly``).
 """
 
 import typing
-from itertools import islice
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -107,4 +106,4 @@ def _differences(saved: dict, wanted: dict, prefix: str = "model.") -> list[str]
             out += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return list(islice(out, 5))
+    return out[:5]
