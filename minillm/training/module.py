@@ -69,9 +69,9 @@ class LanguageModel(L.LightningModule):
         return self.model(idx)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        x, y, documents = (*batch, None)[:3]  # (B, T) each; documents (B, T) with data.document_mask
+        x, y, *documents = batch  # (B, T) each; documents (B, T) with data.document_mask
         # The loss inside the (compiled) forward, fused with the head; the aux losses of this forward.
-        loss, aux = self.model(x, targets=y, documents=documents)
+        loss, aux = self.model(x, targets=y, **_documents(documents))
         total = loss + sum(aux.values()) if aux else loss
         self.tokens_seen += y.numel() * self.trainer.world_size
         if not self._finite(total):
@@ -146,9 +146,9 @@ class LanguageModel(L.LightningModule):
             self.trainer.should_stop = True
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        x, y, documents = (*batch, None)[:3]
-        self.val_loss.update(self.model(x, targets=y, documents=documents).loss, weight=y.numel())
-        if documents is not None:
+        x, y, *documents = batch
+        self.val_loss.update(self.model(x, targets=y, **_documents(documents)).loss, weight=y.numel())
+        if documents:
             self.val_loss_unmasked.update(self.model(x, targets=y).loss, weight=y.numel())
 
     def on_validation_epoch_end(self) -> None:
@@ -211,6 +211,12 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         self.nonfinite_skips = int(checkpoint.get("nonfinite_skips", 0))
         self._pending_rng = checkpoint.get("rng_states")
+
+
+def _documents(documents: list[Tensor]) -> dict[str, Tensor]:
+    """The model's ``documents=`` keyword when the batch carries document ids, else nothing, so the
+    default path calls the model exactly as before."""
+    return {"documents": documents[0]} if documents else {}
 
 
 def check_finite(state_dict: dict[str, Tensor], step: int) -> None:
