@@ -98,9 +98,6 @@ def unpack_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu"
 def checkpoint_model(checkpoint: dict, map_location: str | torch.device = "cpu", **changes: dict) -> Transformer:
     """The checkpoint's model with its weights, in eval mode; ``changes`` update groups of its model
     config first (``attention={"backend": "math"}``): the same weights under another kernel or scaling."""
-    model_cfg = OmegaConf.to_container(OmegaConf.create(checkpoint["config"]).model)
-    for group, values in changes.items():
-        model_cfg[group].update(values)
-    model = build_model(model_cfg)
+    model = build_model(OmegaConf.merge(checkpoint["config"]["model"], changes))
     model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
     return model.to(map_location).eval()
