@@ -1,9 +1,8 @@
 """Load a training checkpoint for evaluation, sampling or a notebook: only its path is needed.
 
-A checkpoint (``train.py`` writes ``<run dir>/checkpoints/{last,best}.ckpt``) is plain data, so
-``torch.load(path, weights_only=True)`` reads it: Lightning's state plus ``config`` (the resolved
-run config as a dict), ``tokenizer`` (the tokenizer JSON), ``tokens_seen``, ``rng_states`` and
-``nonfinite_skips``. Nothing here ever unpickles Python objects, so a crafted file cannot run code.
+A checkpoint is plain data, read with ``weights_only=True`` (docs/reliability.md, Untrusted
+checkpoints): Lightning's state plus ``config`` (the resolved run config as a dict), ``tokenizer``
+(its JSON), ``tokens_seen``, ``rng_states`` and ``nonfinite_skips``.
 """
 
 import pickle
