@@ -81,15 +81,13 @@ class LocalSource:
     """A local copy of TinyStories under ``data.path``: its text files, or parquet / json(l) files."""
 
     def __init__(self, path: str) -> None:
-        root = Path(path).expanduser().resolve()
-        if not root.is_dir():
+        self.root = Path(path).expanduser().resolve()
+        if not self.root.is_dir():
             raise ValueError(f"data.path={path!r} is not a directory; it must hold {RECOGNISED}")
-        self.root = root
-        self.format, self.files = _find_files(root, path)
+        self.format, self.files = _find_files(self.root, path)
         _check_not_empty(self.format, self.files, path)
-        key_hash = hashlib.sha256(str(root).encode()).hexdigest()[:10]
-        self.key = f"tinystories-local-{key_hash}"
-        self.describe = f"TinyStories (local copy {root}, {self.format})"
+        self.key = f"tinystories-local-{hashlib.sha256(str(self.root).encode()).hexdigest()[:10]}"
+        self.describe = f"TinyStories (local copy {self.root}, {self.format})"
 
     def fingerprint(self) -> str:
         """SHA-256 over split names, file names, sizes and contents."""
