@@ -130,10 +130,8 @@ def _find_files(root: Path, path: str) -> tuple[str, dict[str, list[Path]]]:
         # Shortest name first: train.txt, then TinyStories-train.txt, then TinyStoriesV2-GPT4-train.txt.
         return "text", {s: [min(text[s], key=lambda p: (len(p.name), p.name))] for s in SPLITS}
     for fmt, exts in (("parquet", ("parquet",)), ("json", ("jsonl", "json"))):
-        found = {
-            s: sorted(p for e in exts for p in root.rglob(f"{prefix}*.{e}"))
-            for s, prefix in (("train", "train"), ("validation", "valid"))
-        }
+        found = {s: sorted(p for e in exts for p in root.rglob(f"{prefix}*.{e}"))
+                 for s, prefix in zip(SPLITS, ("train", "valid"))}
         if found["train"] and found["validation"]:
             return fmt, found
     raise ValueError(f"data.path={path!r} has no recognised TinyStories files; expected {RECOGNISED}")
