@@ -72,8 +72,7 @@ def _write_tokens(fh, ds, dtype: np.dtype) -> dict[str, int]:
 
 def _tokenize_split(ds, split: str, tok_json: str, dtype: np.dtype, num_proc: int, folder: Path,
                     work: Path) -> dict[str, int]:
-    """Tokenize one split (``datasets.map``, Arrow output under ``work``) into ``<split>.bin``."""
-    n_proc = max(1, min(num_proc, len(ds) // ROWS_PER_PROC))
+    n_proc = min(num_proc, len(ds) // ROWS_PER_PROC)
     encoded = ds.map(
         _encode_batch,
         batched=True,

@@ -152,7 +152,6 @@ def _check_not_empty(fmt: str, files: dict[str, list[Path]], path: str) -> None:
 
 
 def _has_story(path: Path) -> bool:
-    """Whether a text file holds a non-blank line other than ``EOT`` (stops at the first one)."""
     with open(path, encoding="utf-8") as fh:
         return any(line.strip() not in ("", EOT) for line in fh)
 

@@ -112,7 +112,6 @@ def model_sizes(model_json: str, seq_len: int | None) -> tuple[int, int, float]:
 
 
 def _status(member: Member) -> tuple[str, str]:
-    """(status, note) of a member from its status file, history and config."""
     status_file = member.path / "status.json"
     job = json.loads(status_file.read_text()) if status_file.is_file() else {}
     bad = [h["step"] for h in member.history
