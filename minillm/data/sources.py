@@ -65,7 +65,7 @@ class SyntheticSource:
         self.describe = f"synthetic stories ({n_stories:,} train, corpus seed {corpus_seed})"
 
     def _stories(self) -> dict[str, list[str]]:
-        n = {"train": self.n_stories, "validation": max(1, self.n_stories // 10)}
+        n = {"train": self.n_stories, "validation": self.n_stories // 10}
         return {s: generate_stories(n[s], self.corpus_seed, s) for s in SPLITS}
 
     def fingerprint(self) -> str:
