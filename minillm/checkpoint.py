@@ -1,9 +1,8 @@
 """Load a training checkpoint for evaluation, sampling or a notebook: only its path is needed.
 
-A checkpoint (``train.py`` writes ``<run dir>/checkpoints/{last,best}.ckpt``) is plain data, so
-``torch.load(path, weights_only=True)`` reads it: Lightning's state plus ``config`` (the resolved
-run config as a dict), ``tokenizer`` (the tokenizer JSON), ``tokens_seen``, ``rng_states`` and
-``nonfinite_skips``. Nothing here ever unpickles Python objects, so a crafted file cannot run code.
+A checkpoint is plain data, read with ``weights_only=True`` (docs/reliability.md, Untrusted
+checkpoints): Lightning's state plus ``config`` (the resolved run config as a dict), ``tokenizer``
+(its JSON), ``tokens_seen``, ``rng_states`` and ``nonfinite_skips``.
 """
 
 import pickle
@@ -98,9 +97,6 @@ def unpack_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu"
 def checkpoint_model(checkpoint: dict, map_location: str | torch.device = "cpu", **changes: dict) -> Transformer:
     """The checkpoint's model with its weights, in eval mode; ``changes`` update groups of its model
     config first (``attention={"backend": "math"}``): the same weights under another kernel or scaling."""
-    model_cfg = OmegaConf.to_container(OmegaConf.create(checkpoint["config"]).model)
-    for group, values in changes.items():
-        model_cfg[group].update(values)
-    model = build_model(model_cfg)
+    model = build_model(OmegaConf.merge(checkpoint["config"]["model"], changes))
     model.load_state_dict(model_state_dict(checkpoint["state_dict"]))
     return model.to(map_location).eval()

@@ -33,17 +33,14 @@ def read_manifest(folder: Path) -> dict | None:
     """The manifest of ``folder`` if it exists and its files are all there at the recorded sizes."""
     try:
         m = json.loads((folder / MANIFEST).read_text())
-        if m.get("format") != FORMAT:
-            return None
-        if tokenizer_hash((folder / "tokenizer.json").read_text()) != m["tokenizer_sha256"]:
-            return None
         itemsize = np.dtype(m["dtype"]).itemsize
-        for split in SPLITS:
-            if (folder / f"{split}.bin").stat().st_size != m["splits"][split]["tokens"] * itemsize:
-                return None
-        return m
+        complete = (m.get("format") == FORMAT
+                    and tokenizer_hash((folder / "tokenizer.json").read_text()) == m["tokenizer_sha256"]
+                    and all((folder / f"{s}.bin").stat().st_size == m["splits"][s]["tokens"] * itemsize
+                            for s in SPLITS))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return m if complete else None
 
 
 def _encode_batch(batch: dict[str, list[str]], tokenizer_json: str) -> dict[str, list]:
@@ -75,8 +72,7 @@ def _write_tokens(fh, ds, dtype: np.dtype) -> dict[str, int]:
 
 def _tokenize_split(ds, split: str, tok_json: str, dtype: np.dtype, num_proc: int, folder: Path,
                     work: Path) -> dict[str, int]:
-    """Tokenize one split (``datasets.map``, Arrow output under ``work``) into ``<split>.bin``."""
-    n_proc = max(1, min(num_proc, len(ds) // ROWS_PER_PROC))
+    n_proc = min(num_proc, len(ds) // ROWS_PER_PROC)
     encoded = ds.map(
         _encode_batch,
         batched=True,

@@ -259,9 +259,7 @@ class TokenDataModule(L.LightningDataModule):
     def val_dataset(self) -> ValBatches:
         """This rank's contiguous share of the validation windows (equal shares across ranks)."""
         rank, world = self._rank()
-        n_tokens = self._ready()["splits"]["validation"]["tokens"]
-        if self.val_tokens is not None:
-            n_tokens = min(n_tokens, self.val_tokens)
+        n_tokens = min(self._ready()["splits"]["validation"]["tokens"], self.val_tokens or math.inf)
         per_rank = (n_tokens - 1) // self.seq_len // world
         if per_rank == 0:
             raise ValueError(
@@ -288,10 +286,9 @@ class TokenDataModule(L.LightningDataModule):
     # ---- resume ----
     def state_dict(self) -> dict[str, int]:
         """Micro-batches consumed so far (saved in checkpoints at optimizer-step boundaries)."""
-        consumed = self.start_batch
-        if self.trainer is not None:
-            consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return {"start_batch": consumed}
+        if self.trainer is None:
+            return {"start_batch": self.start_batch}
+        return {"start_batch": self.trainer.global_step * self.trainer.accumulate_grad_batches}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Resume the training stream where the checkpoint left it."""

@@ -65,7 +65,7 @@ class SyntheticSource:
         self.describe = f"synthetic stories ({n_stories:,} train, corpus seed {corpus_seed})"
 
     def _stories(self) -> dict[str, list[str]]:
-        n = {"train": self.n_stories, "validation": max(1, self.n_stories // 10)}
+        n = {"train": self.n_stories, "validation": self.n_stories // 10}
         return {s: generate_stories(n[s], self.corpus_seed, s) for s in SPLITS}
 
     def fingerprint(self) -> str:
@@ -81,15 +81,13 @@ class LocalSource:
     """A local copy of TinyStories under ``data.path``: its text files, or parquet / json(l) files."""
 
     def __init__(self, path: str) -> None:
-        root = Path(path).expanduser().resolve()
-        if not root.is_dir():
+        self.root = Path(path).expanduser().resolve()
+        if not self.root.is_dir():
             raise ValueError(f"data.path={path!r} is not a directory; it must hold {RECOGNISED}")
-        self.root = root
-        self.format, self.files = _find_files(root, path)
+        self.format, self.files = _find_files(self.root, path)
         _check_not_empty(self.format, self.files, path)
-        key_hash = hashlib.sha256(str(root).encode()).hexdigest()[:10]
-        self.key = f"tinystories-local-{key_hash}"
-        self.describe = f"TinyStories (local copy {root}, {self.format})"
+        self.key = f"tinystories-local-{hashlib.sha256(str(self.root).encode()).hexdigest()[:10]}"
+        self.describe = f"TinyStories (local copy {self.root}, {self.format})"
 
     def fingerprint(self) -> str:
         """SHA-256 over split names, file names, sizes and contents."""
@@ -132,10 +130,8 @@ def _find_files(root: Path, path: str) -> tuple[str, dict[str, list[Path]]]:
         # Shortest name first: train.txt, then TinyStories-train.txt, then TinyStoriesV2-GPT4-train.txt.
         return "text", {s: [min(text[s], key=lambda p: (len(p.name), p.name))] for s in SPLITS}
     for fmt, exts in (("parquet", ("parquet",)), ("json", ("jsonl", "json"))):
-        found = {
-            s: sorted(p for e in exts for p in root.rglob(f"{prefix}*.{e}"))
-            for s, prefix in (("train", "train"), ("validation", "valid"))
-        }
+        found = {s: sorted(p for e in exts for p in root.rglob(f"{prefix}*.{e}"))
+                 for s, prefix in zip(SPLITS, ("train", "valid"))}
         if found["train"] and found["validation"]:
             return fmt, found
     raise ValueError(f"data.path={path!r} has no recognised TinyStories files; expected {RECOGNISED}")
@@ -156,7 +152,6 @@ def _check_not_empty(fmt: str, files: dict[str, list[Path]], path: str) -> None:
 
 
 def _has_story(path: Path) -> bool:
-    """Whether a text file holds a non-blank line other than ``EOT`` (stops at the first one)."""
     with open(path, encoding="utf-8") as fh:
         return any(line.strip() not in ("", EOT) for line in fh)
 

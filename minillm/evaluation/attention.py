@@ -57,11 +57,6 @@ def plot_layer(weights: np.ndarray, labels: list[str], layer: int, path: Path) -
     save_figure(fig, path, dpi=110)
 
 
-def token_labels(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's text (special tokens by name), newlines shown as ``\\n``."""
-    return [tokenizer.decode([i], skip_special_tokens=False).replace("\n", "\\n") for i in ids]
-
-
 def attention(cfg: DictConfig) -> dict[str, Any]:
     """``python eval.py ckpt_path=PATH mode=attention prompt="..."``: PNGs per layer, weights."""
     prompt = prompt_text(cfg)
@@ -74,7 +69,8 @@ def attention(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"prompt is {len(ids)} tokens with <|endoftext|>; this model's "
                          f"{type(model.position).__name__} positions encode at most {limit}: shorten it")
     weights = attention_maps(model, ids)
-    labels = token_labels(tokenizer, ids)
+    # each token's text (special tokens by name), newlines shown as \n
+    labels = [tokenizer.decode([i], skip_special_tokens=False).replace("\n", "\\n") for i in ids]
     folder = Path(cfg.get("out_dir") or Path(cfg.ckpt_path).parent / "attention")
     folder.mkdir(parents=True, exist_ok=True)
     for layer, layer_weights in enumerate(weights):

@@ -112,7 +112,6 @@ def model_sizes(model_json: str, seq_len: int | None) -> tuple[int, int, float]:
 
 
 def _status(member: Member) -> tuple[str, str]:
-    """(status, note) of a member from its status file, history and config."""
     status_file = member.path / "status.json"
     job = json.loads(status_file.read_text()) if status_file.is_file() else {}
     bad = [h["step"] for h in member.history
@@ -175,8 +174,6 @@ def swept_keys(members: list[Member], sweep_dir: str | Path) -> list[str]:
     if multirun.is_file():
         params = OmegaConf.select(OmegaConf.load(multirun), "hydra.sweeper.params") or {}
         keys += [str(k).lstrip("+~") for k in params]
-    for member in members:
-        for key in member.overrides:
-            if key not in keys and len({m.overrides.get(key) for m in members}) > 1:
-                keys.append(key)
-    return [k for k in keys if k != "seed"]
+    keys += [key for member in members for key in member.overrides
+             if len({m.overrides.get(key) for m in members}) > 1]
+    return [k for k in dict.fromkeys(keys) if k != "seed"]

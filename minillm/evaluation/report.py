@@ -122,7 +122,7 @@ def plot_curves(groups: dict[tuple[str, ...], list[Member]], keys: list[str], pa
 def plot_bpb(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     """Final bits per byte per group: mean over ok seeds, std as error bars; no bar where none is ok."""
     labels = [_label(tuple(r[k] for k in keys)) for r in rows]
-    means = [r["val_bpb_mean"] if r["val_bpb_mean"] is not None else 0.0 for r in rows]
+    means = [r["val_bpb_mean"] or 0.0 for r in rows]
     stds = [r["val_bpb_std"] or 0.0 for r in rows]
     fig, ax = subplots(figsize=(max(4, 1.1 * len(rows) + 2), 4))
     bars = ax.bar(range(len(rows)), means, yerr=stds, capsize=4,

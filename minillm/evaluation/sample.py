@@ -28,14 +28,12 @@ def prompt_text(cfg: DictConfig) -> str:
     return cfg.prompt
 
 
-def _printer(tokenizer, prompt_ids: list[int]):
-    """Stream one row's new text to stdout; ``DecodeStream`` holds back a character not yet complete."""
-    stream = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
-
-    def show(row: int, token_id: int) -> None:
-        print(stream.step(tokenizer, token_id) or "", end="", flush=True)
-
-    return show
+def _printer(tokenizer, prompt: str):
+    """Print ``prompt``, then stream one row's new text to stdout; ``DecodeStream`` holds back a
+    character not yet complete."""
+    print(prompt, end="", flush=True)
+    stream = DecodeStream(ids=tokenizer.encode(prompt).ids, skip_special_tokens=True)
+    return lambda row, token_id: print(stream.step(tokenizer, token_id) or "", end="", flush=True)
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
@@ -44,10 +42,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     prompt = prompt_text(cfg)  # both checked before the checkpoint is read
     (model, tokenizer, _), _ = load(cfg)
     streaming = bool(cfg.get("stream", False)) and cfg.num_samples == 1
-    printer = None
-    if streaming:
-        printer = _printer(tokenizer, tokenizer.encode(prompt).ids)
-        print(prompt, end="", flush=True)
+    printer = _printer(tokenizer, prompt) if streaming else None
     texts = continuations(model, tokenizer, prompt, cfg.num_samples, cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
                           use_cache=cfg.use_cache, stream=printer)
