@@ -3,7 +3,6 @@ lists the files each run writes (``.hydra/overrides.yaml`` makes a directory a m
 when a member is ok, unfinished, failed or diverged.
 """
 
-import contextlib
 import functools
 import json
 import math
@@ -17,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from minillm.model import build_model
+from minillm.training.callbacks import read_json_lines
 from minillm.training.throughput import flops_per_token
 
 STATUSES = ("ok", "unfinished", "failed", "diverged")
@@ -76,16 +76,6 @@ class Member:
 def parse_overrides(lines: list[str]) -> dict[str, str]:
     """``["model/position=rope", "+x=1"]`` -> ``{"model/position": "rope", "x": "1"}``."""
     return {key.lstrip("+~"): value for key, _, value in (str(line).partition("=") for line in lines)}
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    history = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a killed run
-            history.append(json.loads(line))  # json reads NaN and Infinity
-    return history
 
 
 def _read_config(run: Path) -> dict[str, Any] | None:
@@ -150,7 +140,7 @@ def read_sweep(sweep_dir: str | Path) -> list[Member]:
     for run in runs:
         overrides = parse_overrides(yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or [])
         member = Member(run, str(run.relative_to(root)), overrides,
-                        history=_read_history(run / "metrics.jsonl"), config=_read_config(run))
+                        history=read_json_lines(run / "metrics.jsonl"), config=_read_config(run))
         if member.config is not None:
             member.params = member.config.get("num_params")
             member.active_params = member.config.get("num_params_active")

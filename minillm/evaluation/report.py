@@ -194,10 +194,8 @@ def build_report(sweep_dir: str | Path, extrapolation: bool | None = None, facto
     plot_curves(groups, keys, folder / "val_loss.png")
     plot_bpb(rows, keys, folder / "bpb.png")
     files = [str(folder / f) for f in ("report.md", "report.csv", "members.csv", "val_loss.png", "bpb.png")]
-    if extrapolation is None:
-        extrapolation = any("position" in k for k in keys)
     extra_text, extra_rows = "", []
-    if extrapolation:
+    if extrapolation or (extrapolation is None and any("position" in k for k in keys)):
         extra_rows, notes = extrapolation_rows(groups, keys, factors, n_tokens, rope_scaling, device)
         if extra_rows:
             write_csv(folder / "extrapolation.csv", extra_rows)

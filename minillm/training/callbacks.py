@@ -3,10 +3,12 @@ samples, all recorded whatever logger is chosen, and a progress bar that never w
 
 import contextlib
 import json
+import math
 import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -133,12 +135,10 @@ class JsonLines(L.Callback):
         self.path = Path(path)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.path.is_file():
-            return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if _step(line) is not None and _step(line) <= trainer.global_step]
-        if len(kept) != len(lines):
-            atomic_write(self.path, lambda fh: fh.write("".join(line + "\n" for line in kept)), mode="w")
+        if trainer.is_global_zero and self.path.is_file():
+            step = trainer.global_step
+            kept = [r for r in read_json_lines(self.path) if r.get("step", math.inf) <= step]
+            atomic_write(self.path, lambda fh: fh.writelines(json.dumps(r) + "\n" for r in kept), mode="w")
 
     def _append(self, *records: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,12 +280,14 @@ def _check_sampling(prompts, num_samples, max_new_tokens, temperature, top_k, to
                    min_new_tokens=1)
 
 
-def _step(line: str) -> int | None:
-    """The step of a history line; None for a line a kill cut short."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (NaN and Infinity read as floats), less a line a kill cut short."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records
 
 
 def peak_memory_mb(device: torch.device) -> float:
